@@ -1,0 +1,1 @@
+"""KFP pipelines (DAGs) over the stage components, their compilation and local runs."""

@@ -1,0 +1,125 @@
+"""Run a pipeline on this machine through kfp.local, the embedded default.
+
+`kfp.local.SubprocessRunner` executes each component in a subprocess of this Python
+environment, exactly the component code a cluster runs in the project image. The driver opens
+the MLflow parent run that the stage runs nest under, and summarises what the stages recorded
+in their stage.json files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import kfp.local
+
+from vidops.config import Config
+from vidops.data.samples import write_samples
+from vidops.stage import load_output
+from vidops.tracking import mlflow_runs
+from vidops.tracking.workdir import Workdir
+
+log = logging.getLogger(__name__)
+
+# The stages each pipeline holds, in order, as they appear under <workdir>/data/.
+PIPELINE_STAGES: dict[str, list[str]] = {"curation": ["ingest"]}
+
+
+def ensure_samples(cfg: Config, workdir: Workdir, quiet: bool = False) -> list[str]:
+    """The sample corpora of cfg.samples, generated once per (kind, count, seed)."""
+    sources = []
+    for kind in cfg.samples.kinds:
+        count = None if kind == "defects" else getattr(
+            cfg.samples.counts, kind.replace("-", "_"))
+        target = workdir.samples_dir(kind)
+        marker = target.with_name(f"{kind}.json")
+        wanted = {"kind": kind, "count": count, "seed": cfg.seed}
+        if not (target.is_dir() and marker.is_file()
+                and json.loads(marker.read_text()) == wanted):
+            if not quiet:
+                log.info("writing %s samples to %s", kind, target)
+            partial = target.with_name(f".{kind}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            marker.unlink(missing_ok=True)
+            write_samples(partial, kind, count=count, seed=cfg.seed)
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+            marker.write_text(json.dumps(wanted))
+        sources.append(str(target))
+    return sources
+
+
+def run_local(
+    name: str,
+    cfg: Config,
+    workdir: Workdir,
+    sources: list[str] | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run pipeline `name` locally; returns the run summary (also in run-summary.json)."""
+    from vidops.pipelines.registry import PIPELINES
+
+    sources = list(sources) if sources else ensure_samples(cfg, workdir, quiet)
+    started = datetime.now(timezone.utc)
+    clock = time.perf_counter()
+    parent_run_id = mlflow_runs.start_parent_run(
+        cfg, workdir, cfg.tracking.experiments.curation, run_name=f"{name}-{started:%Y%m%d-%H%M%S}")
+    kfp.local.init(
+        runner=kfp.local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(workdir.root / cfg.pipeline.local_root),
+        raise_on_error=True,
+    )
+    status = "FAILED"
+    try:
+        PIPELINES[name](sources=sources, workdir=str(workdir.root), config_json=cfg.to_json(),
+                        parent_run_id=parent_run_id, quiet=quiet)
+        status = "FINISHED"
+    finally:
+        mlflow_runs.end_run(parent_run_id, status)
+
+    stages = []
+    for stage in PIPELINE_STAGES[name]:
+        _, info = load_output(workdir.stage_dir(stage))
+        stages.append({
+            "stage": stage, "out_dir": info["output"]["dir"], "counts": info["counts"],
+            "dvc_md5": info["dvc"]["md5"], "mlflow_run_id": info["mlflow"]["run_id"],
+            "duration_s": info["duration_s"],
+        })
+    summary = {
+        "pipeline": name,
+        "status": "succeeded",
+        "started_at": started.isoformat(),
+        "duration_s": round(time.perf_counter() - clock, 3),
+        "workdir": str(workdir.root),
+        "sources": sources,
+        "mlflow": {"tracking_uri": mlflow_runs.tracking_uri(cfg, workdir),
+                   "parent_run_id": parent_run_id},
+        "stages": stages,
+    }
+    tmp = workdir.run_summary.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(workdir.run_summary)
+    return summary
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    rows = [("stage", "input", "kept", "rejected", "reasons", "dvc md5", "seconds")]
+    for stage in summary["stages"]:
+        counts = stage["counts"]
+        reasons = ", ".join(f"{k}={v}" for k, v in counts["by_reason"].items()) or "-"
+        rows.append((stage["stage"], str(counts["input"]), str(counts["kept"]),
+                     str(counts["rejected"]), reasons, stage["dvc_md5"][:12],
+                     f"{stage['duration_s']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"\n{summary['pipeline']} pipeline {summary['status']} in "
+                 f"{summary['duration_s']:.1f}s; workdir {summary['workdir']}")
+    lines.append(f"MLflow parent run {summary['mlflow']['parent_run_id']} at "
+                 f"{summary['mlflow']['tracking_uri']}")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny configuration, an isolated workdir, and real little videos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+from vidops.config import Config, load_config
+from vidops.tracking.workdir import Workdir
+
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+@pytest.fixture
+def cfg() -> Config:
+    return load_config("tiny")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Workdir:
+    return Workdir.at(tmp_path / "work")
+
+
+def clip_frames(seed: int, width: int = 96, height: int = 64, frames: int = 24) -> list:
+    """Distinct, decodable content: a bright square moving over seeded noise."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 120, (height, width, 3), dtype=np.uint8)
+    out = []
+    for t in range(frames):
+        frame = background.copy()
+        x = (4 + 2 * t) % (width - 16)
+        frame[20:36, x:x + 16] = (230, 200, 40)
+        out.append(frame)
+    return out
+
+
+def make_clip(path: Path, seed: int = 0, *, width: int = 96, height: int = 64,
+              frames: int = 24, fps: float = 24.0) -> Path:
+    from vidops.media.video import write_video
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(path, clip_frames(seed, width, height, frames), fps)
+    return path
+
+
+def faststart_copy(src: Path, dst: Path) -> Path:
+    """The same video with its index (moov) first, as web-ready MP4s are written."""
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(src),
+                    "-c", "copy", "-movflags", "+faststart", str(dst)], check=True)
+    return dst
+
+
+@pytest.fixture
+def damaged_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """14 files: good clips in several containers and odd names, a byte-identical copy and
+    four damaged files. Returns the folder and the expected outcome per relative name."""
+    root = tmp_path / "incoming"
+    expected: dict[str, str] = {}
+    good = [("clip 01.mp4", 96, 64, 24, 24.0), ("straße café.mp4", 128, 96, 30, 25.0),
+            ("日本語 clip.mkv", 112, 80, 20, 30.0), ("web.webm", 96, 64, 16, 24.0),
+            ("camera.mov", 160, 96, 24, 24.0), ("nested/deep/a b.mp4", 96, 64, 12, 12.0),
+            ("x.m4v", 96, 64, 24, 24.0), ("long.mp4", 96, 64, 96, 24.0),
+            ("y.avi", 96, 64, 24, 24.0)]
+    for i, (name, w, h, n, fps) in enumerate(good):
+        target = root / name
+        if name.endswith(".avi"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            from vidops.media.video import write_video
+
+            write_video(target, clip_frames(i, w, h, n), fps, codec="mpeg4")
+        else:
+            make_clip(target, seed=i, width=w, height=h, frames=n, fps=fps)
+        expected[name] = ""
+    shutil.copyfile(root / "clip 01.mp4", root / "nested" / "zz copy.mp4")
+    expected["nested/zz copy.mp4"] = "duplicate"
+
+    faststart = faststart_copy(make_clip(tmp_path / "src.mp4", seed=99, frames=48),
+                               tmp_path / "fs.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(faststart[: len(faststart) // 2])
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "notes.mp4").write_text("this is a text file, not a video\n" * 20)
+    garbled = bytearray(faststart)
+    for i in range(1500, len(garbled), 701):
+        garbled[i] ^= 0xFF
+    (root / "garbled.mov").write_bytes(bytes(garbled))
+    for name in ("truncated.mp4", "empty.mp4", "notes.mp4", "garbled.mov"):
+        expected[name] = "unreadable"
+    assert len(expected) == 14
+    return root, expected

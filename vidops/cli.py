@@ -1,0 +1,131 @@
+"""The `vidops` command. Heavy imports happen inside the commands so `vidops --help` is fast
+and worker processes that re-import this module start quickly.
+
+Exit codes: 0 success, 1 a gate refused (data or model quality), 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE = 0, 1, 2
+
+
+def _common(top: bool) -> argparse.ArgumentParser:
+    """Global options, accepted before or after the subcommand. The subcommand's copy has no
+    defaults of its own, or argparse would let it overwrite what was given before it."""
+
+    def default(value):
+        return value if top else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=default(None),
+                        help="profile layered over params.yaml (a path, or the name of a "
+                        "shipped profile such as tiny)")
+    common.add_argument("--set", dest="overrides", action="append", default=default([]),
+                        metavar="KEY=VALUE", help="override one setting (repeatable)")
+    common.add_argument("--workdir", type=Path, default=default(None),
+                        help="holds the MLflow store, DVC repo and remote, stage outputs "
+                        "(default ./vidops-work)")
+    common.add_argument("--quiet", action="store_true", default=default(False),
+                        help="no progress output")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(top=False)
+    parser = argparse.ArgumentParser(prog="vidops", parents=[_common(top=True)],
+                                     description="MLOps for text-to-video diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("samples", parents=[common], help="write a sample corpus")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--kind", required=True,
+                   choices=["shapes", "shapes-finetune", "photos", "defects"])
+    p.add_argument("--count", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="default: the config's seed")
+
+    p = sub.add_parser("ingest", parents=[common], help="probe, hash and version source videos")
+    p.add_argument("--source", dest="sources", nargs="+", action="extend", required=True,
+                   metavar="URI", help="folder, CSV/JSONL manifest, CogVideo folder, or file")
+    p.add_argument("--out", type=Path, default=None, help="default <workdir>/data/ingest")
+
+    p = sub.add_parser("run", parents=[common],
+                       help="run the pipeline locally through kfp.local")
+    p.add_argument("--source", dest="sources", nargs="+", action="extend", default=[],
+                   metavar="URI", help="default: the sample corpus")
+    p.add_argument("--pipeline", default="curation", choices=["curation"])
+
+    p = sub.add_parser("compile", parents=[common], help="compile a pipeline to KFP YAML")
+    p.add_argument("--pipeline", required=True, choices=["curation"])
+    p.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+
+    from vidops.config import ConfigError, load_config
+    from vidops.data.sources import SourceError
+    from vidops.stage import StageError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return _dispatch(args, cfg)
+    except (ConfigError, SourceError) as exc:
+        print(f"vidops: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StageError as exc:
+        print(f"vidops: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _dispatch(args: argparse.Namespace, cfg) -> int:
+    from vidops.tracking.workdir import Workdir
+
+    if args.command == "samples":
+        from vidops.data.samples import write_samples
+
+        report = write_samples(args.dir, args.kind, count=args.count,
+                               seed=cfg.seed if args.seed is None else args.seed)
+        print(f"wrote {len(report.files)} {args.kind} videos to {report.out_dir}")
+        return EXIT_OK
+
+    if args.command == "compile":
+        from vidops.pipelines.compile import compile_pipeline
+
+        print(f"wrote {compile_pipeline(args.pipeline, args.out)}")
+        return EXIT_OK
+
+    workdir = Workdir.at(args.workdir)
+    if args.command == "ingest":
+        from vidops.stages.ingest import run_ingest
+
+        info = run_ingest(args.sources, args.out or workdir.stage_dir("ingest"), cfg=cfg,
+                          workdir=workdir, quiet=args.quiet)
+        print(json.dumps({"out_dir": info["output"]["dir"], "counts": info["counts"],
+                          "dvc_md5": info["dvc"]["md5"],
+                          "mlflow_run_id": info["mlflow"]["run_id"]}, indent=2))
+        return EXIT_OK
+
+    if args.command == "run":
+        from vidops.pipelines.local import run_local, summary_table
+
+        summary = run_local(args.pipeline, cfg, workdir, args.sources, quiet=args.quiet)
+        print(summary_table(summary))
+        return EXIT_OK
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

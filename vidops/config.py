@@ -1,0 +1,157 @@
+"""One configuration object for every stage: params.yaml, then a profile, then overrides.
+
+The defaults live in exactly one place, `params.yaml` (shipped inside the package), so the
+models below declare types and constraints but no defaults. `extra="forbid"` turns a typo in a
+profile or a `--set` into an error that names the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """The configuration could not be loaded or does not validate; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Experiments(_Strict):
+    curation: str
+    training: str
+
+
+class TrackingConfig(_Strict):
+    uri: str | None
+    experiments: Experiments
+    registered_model: str
+
+
+class DvcConfig(_Strict):
+    remote: str | None
+
+
+class SampleCounts(_Strict):
+    shapes: int = Field(ge=1)
+    shapes_finetune: int = Field(ge=1, alias="shapes-finetune")
+    photos: int = Field(ge=1)
+
+
+SampleKind = Literal["shapes", "shapes-finetune", "photos", "defects"]
+
+
+class SamplesConfig(_Strict):
+    kinds: list[SampleKind] = Field(min_length=1)
+    counts: SampleCounts
+
+
+class IngestConfig(_Strict):
+    video_extensions: list[str] = Field(min_length=1)
+    workers: int = Field(ge=0)
+    default_license: str | None
+    min_packet_coverage: float = Field(gt=0, le=1)
+
+
+class PipelineConfig(_Strict):
+    local_root: str
+
+
+class ImagesConfig(_Strict):
+    cpu: str
+    gpu: str
+
+
+class Config(_Strict):
+    seed: int
+    tracking: TrackingConfig
+    dvc: DvcConfig
+    samples: SamplesConfig
+    ingest: IngestConfig
+    pipeline: PipelineConfig
+    images: ImagesConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data, with the key spelling of params.yaml."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params and printing."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(f"{prefix}{key}.", value)
+            else:
+                out[prefix[:-1]] = node
+
+        walk("", self.to_dict())
+        return out
+
+
+def default_params_text() -> str:
+    return resources.files("vidops").joinpath("params.yaml").read_text(encoding="utf-8")
+
+
+def profile_path(name_or_path: str | Path) -> Path:
+    """A profile is a YAML path, or the name of one shipped in configs/ (`tiny`, ...)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config profile not found: {path}")
+        return path
+    shipped = resources.files("vidops").joinpath("configs", f"{name_or_path}.yaml")
+    if not shipped.is_file():
+        raise ConfigError(f"config profile not found: {name_or_path} (no file, no shipped profile)")
+    return Path(str(shipped))
+
+
+def load_config(
+    profile: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """params.yaml <- profile <- `key=value` overrides, validated into a Config."""
+    try:
+        layers = [OmegaConf.create(default_params_text())]
+        if profile is not None:
+            layers.append(OmegaConf.load(profile_path(profile)))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set expects key=value, got {item!r}")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    return config_from_dict(merged)
+
+
+def config_from_dict(data: Any) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{key}'")
+            elif err["type"] == "missing":
+                problems.append(f"missing key '{key}'")
+            else:
+                problems.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def config_from_json(text: str) -> Config:
+    """The inverse of Config.to_json: how KFP components receive the driver's resolved config."""
+    return config_from_dict(json.loads(text))
