@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from datetime import datetime, timezone
 from typing import Any
 
@@ -75,6 +76,9 @@ def run_local(
     )
     status = "FAILED"
     try:
+        # kfp.local warns that the components name a container image while running them in
+        # this environment: that is the point of the embedded default.
+        warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
         PIPELINES[name](sources=sources, workdir=str(workdir.root), config_json=cfg.to_json(),
                         parent_run_id=parent_run_id, quiet=quiet)
         status = "FINISHED"
@@ -96,7 +100,7 @@ def run_local(
         "duration_s": round(time.perf_counter() - clock, 3),
         "workdir": str(workdir.root),
         "sources": sources,
-        "mlflow": {"tracking_uri": mlflow_runs.tracking_uri(cfg, workdir),
+        "mlflow": {"tracking_uri": mlflow_runs.redact(mlflow_runs.tracking_uri(cfg, workdir)),
                    "parent_run_id": parent_run_id},
         "stages": stages,
     }

@@ -64,7 +64,7 @@ def damaged_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     expected: dict[str, str] = {}
     good = [("clip 01.mp4", 96, 64, 24, 24.0), ("straße café.mp4", 128, 96, 30, 25.0),
             ("日本語 clip.mkv", 112, 80, 20, 30.0), ("web.webm", 96, 64, 16, 24.0),
-            ("camera.mov", 160, 96, 24, 24.0), ("nested/deep/a b.mp4", 96, 64, 12, 12.0),
+            ("nested/deep/a b.mp4", 96, 64, 12, 12.0),
             ("x.m4v", 96, 64, 24, 24.0), ("long.mp4", 96, 64, 96, 24.0),
             ("y.avi", 96, 64, 24, 24.0)]
     for i, (name, w, h, n, fps) in enumerate(good):
@@ -77,6 +77,13 @@ def damaged_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         else:
             make_clip(target, seed=i, width=w, height=h, frames=n, fps=fps)
         expected[name] = ""
+    # A camera-like file from FFmpeg itself, with an AAC audio track beside the video.
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error",
+                    "-f", "lavfi", "-i", "testsrc=size=160x120:rate=25",
+                    "-f", "lavfi", "-i", "sine=frequency=440", "-t", "2",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
+                    str(root / "camera.mov")], check=True)
+    expected["camera.mov"] = ""
     shutil.copyfile(root / "clip 01.mp4", root / "nested" / "zz copy.mp4")
     expected["nested/zz copy.mp4"] = "duplicate"
 

@@ -50,7 +50,9 @@ def test_folder_with_damaged_files_accounts_for_every_file(cfg, workdir, damaged
     assert by_name.loc["日本語 clip.mkv", "fps"] == pytest.approx(30.0)
     assert by_name.loc["web.webm", "frame_count"] == 16
     assert by_name.loc["long.mp4", "duration_s"] == pytest.approx(4.0, abs=0.05)
-    assert not by_name["has_audio"].any()
+    assert by_name.loc["camera.mov", ["width", "height", "frame_count"]].tolist() == [160, 120, 50]
+    assert by_name.loc["camera.mov", "fps"] == pytest.approx(25.0)
+    assert by_name["has_audio"].to_dict() == {name: name == "camera.mov" for name in by_name.index}
     for row in manifest.itertuples():
         media = out / row.path
         assert media.is_file() and media.stat().st_size == row.size_bytes
@@ -189,3 +191,31 @@ def test_cli_ingest_exit_codes(cfg, tmp_path: Path, capsys) -> None:
                      "--set", "ingest.bogus=1"]) == 2
     assert "unknown key 'ingest.bogus'" in capsys.readouterr().err
     shutil.rmtree(work)
+
+
+def test_fsspec_urls_in_a_remote_manifest(cfg, workdir, tmp_path: Path) -> None:
+    """Any installed fsspec protocol: here the in-memory one, which lives in this process
+    only, so the workers are turned off (remote stores such as s3:// need no such care)."""
+    import fsspec
+
+    from vidops.config import load_config
+
+    fs = fsspec.filesystem("memory")
+    for i, name in enumerate(["bucket/videos/a.mp4", "bucket/videos/b.mkv"]):
+        fs.pipe(name, make_clip(tmp_path / Path(name).name, seed=20 + i).read_bytes())
+    fs.pipe("bucket/videos/bad.mp4", b"not a video")
+    fs.pipe("bucket/list.jsonl", b"\n".join([
+        b'{"uri": "videos/a.mp4", "caption": "remote a", "license": "CC0-1.0"}',
+        b'{"uri": "memory://bucket/videos/b.mkv"}',
+        b'{"uri": "videos/bad.mp4"}',
+    ]))
+    single = load_config("tiny", ["ingest.workers=1"])
+    info = run_ingest(["memory://bucket/list.jsonl"], tmp_path / "out", cfg=single,
+                      workdir=workdir, quiet=True)
+    manifest, _ = load_output(tmp_path / "out")
+    assert info["counts"] == {"input": 3, "kept": 2, "rejected": 1,
+                              "by_reason": {"unreadable": 1}}
+    assert set(manifest.source_uri) == {"memory://bucket/videos/a.mp4",
+                                        "memory://bucket/videos/b.mkv"}
+    assert manifest.set_index("source_name").loc["videos/a.mp4", "caption"] == "remote a"
+    assert (manifest.frame_count == 24).all()

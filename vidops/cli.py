@@ -11,6 +11,10 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vidops.config import Config
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE = 0, 1, 2
 
@@ -67,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # MLflow configures its own handler; --quiet must reach it (and alembic's migrations).
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _dispatch(args: argparse.Namespace, cfg) -> int:
+def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     from vidops.tracking.workdir import Workdir
 
     if args.command == "samples":

@@ -61,6 +61,50 @@ class IngestConfig(_Strict):
     min_packet_coverage: float = Field(gt=0, le=1)
 
 
+class NormaliseConfig(_Strict):
+    fps: float = Field(gt=0)
+    short_side: int = Field(ge=16)
+    crf: int = Field(ge=0, le=51)
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
+                    "slower", "veryslow"]
+
+
+class FilterConfig(_Strict):
+    min_width: int = Field(ge=1)
+    min_height: int = Field(ge=1)
+    min_duration_s: float = Field(ge=0)
+    max_aspect_ratio: float = Field(ge=1)
+    min_fps: float = Field(gt=0)
+    analysis_short_side: int = Field(ge=16)
+    sample_fps: float = Field(gt=0)
+    scene_threshold: float = Field(gt=0)
+    min_scene_s: float = Field(ge=0)
+    min_clip_s: float = Field(gt=0)
+    max_clip_s: float = Field(gt=0)
+    blurry_threshold: float = Field(ge=0)
+    static_threshold: float = Field(ge=0)
+    phash_distance: int = Field(ge=0, le=64)
+    colour_distance: float = Field(ge=0)
+    normalise: NormaliseConfig
+    workers: int = Field(ge=0)
+
+
+class AnnotateConfig(_Strict):
+    captioner: str | None
+    allow_fallback_caption: bool
+    max_caption_chars: int = Field(ge=1)
+    keyframe_quality: int = Field(ge=1, le=100)
+    workers: int = Field(ge=0)
+
+
+class PrivacyConfig(_Strict):
+    blur_faces: bool
+
+
+class CurationConfig(_Strict):
+    shards: int = Field(ge=1)
+
+
 class PipelineConfig(_Strict):
     local_root: str
 
@@ -76,6 +120,10 @@ class Config(_Strict):
     dvc: DvcConfig
     samples: SamplesConfig
     ingest: IngestConfig
+    filter: FilterConfig
+    annotate: AnnotateConfig
+    privacy: PrivacyConfig
+    curation: CurationConfig
     pipeline: PipelineConfig
     images: ImagesConfig
 

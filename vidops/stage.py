@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import pandas as pd
@@ -109,17 +108,6 @@ def load_output(directory: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         raise StageError(
             f"{directory} is not a finished stage output (status {info.get('status')!r})")
     return read_table(directory / MANIFEST), info
-
-
-def _redact(uri: str) -> str:
-    """A tracking URI without credentials, fit for stage.json and logs."""
-    parts = urlsplit(uri)
-    if parts.password or parts.username:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return uri
 
 
 def _pid_alive(pid: int) -> bool:
@@ -222,7 +210,7 @@ def run_stage(
                 "output": {"dir": str(out_dir), "manifest": MANIFEST, "rejected": REJECTED},
                 "counts": counts,
                 "dvc": version.to_dict(),
-                "mlflow": {"tracking_uri": _redact(mlflow.get_tracking_uri()),
+                "mlflow": {"tracking_uri": mlflow_runs.redact(mlflow.get_tracking_uri()),
                            "experiment": experiment,
                            "experiment_id": run.info.experiment_id,
                            "run_id": run.info.run_id,

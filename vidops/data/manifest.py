@@ -41,3 +41,30 @@ def rejected_frame(rows: list[dict]) -> pd.DataFrame:
     for column in REJECTED_COLUMNS:
         frame[column] = frame[column].astype("string")
     return frame
+
+
+# Columns of the filter stage's manifest: one row per kept clip.
+FILTER_COLUMNS = [
+    "clip_id",  # f"{source_sha256[:16]}-{start_frame:06d}-{end_frame:06d}": content + cut points
+    "source_sha256", "source_uri", "source_name", "license",
+    "caption", "caption_origin",  # carried over from ingest
+    "scene_index", "clip_index", "start_frame", "end_frame", "start_s", "end_s", "duration_s",
+    "width", "height", "fps", "frames",  # of the normalised clip
+    "sharpness", "motion", "frame_diff",
+    "phash", "phashes",  # 16 hex chars; phashes: three hashes joined by ","
+    "mean_r", "mean_g", "mean_b",
+    "path",  # the normalised clip, relative to the stage output (clips/<clip_id>.mp4)
+]
+
+# The annotate stage keeps every filter column (caption and caption_origin may be filled in)
+# and adds these.
+ANNOTATE_COLUMNS = [*FILTER_COLUMNS,
+    "caption_model",  # what produced the caption: "ingest", a captioner id, or "fallback"
+    "keyframe",  # middle frame as JPEG, relative path (keyframes/<clip_id>.jpg)
+    "face_count", "faces_blurred",
+    "brightness",  # mean luma of the keyframe, 0-255
+    "dominant_colours",  # named colours, "," joined, most frequent first
+    "motion_level",  # "low" | "medium" | "high" from the filter's motion score
+    "tags",  # "," joined
+    "annotators",  # JSON: field -> "name version" that produced it
+]

@@ -21,10 +21,12 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from vidops.config import Config
 from vidops.data.manifest import Reason, rejected_frame
 from vidops.data.sources import Discovery, SourceItem, discover
 from vidops.media.probe import copy_hash_probe, move
 from vidops.stage import StageContext, StageOutcome, run_stage
+from vidops.tracking.workdir import Workdir
 
 STAGE = "ingest"
 INCOMING = ".incoming"
@@ -139,8 +141,8 @@ def run_ingest(
     sources: list[str],
     out_dir: Path,
     *,
-    cfg,
-    workdir,
+    cfg: Config,
+    workdir: Workdir,
     parent_run_id: str | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import pandas as pd
@@ -18,6 +19,17 @@ from vidops.tracking.workdir import Workdir
 
 # MLflow's params are capped in length; longer values are truncated with a marker.
 _PARAM_MAX = 6000
+
+
+def redact(uri: str) -> str:
+    """A URI without credentials (a Postgres password, say), fit for stage.json and logs."""
+    parts = urlsplit(uri)
+    if parts.password or parts.username:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return uri
 
 
 def tracking_uri(cfg: Config, workdir: Workdir) -> str:
