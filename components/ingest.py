@@ -3,6 +3,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
+
 from vidops.components.images import CPU_IMAGE
 
 
@@ -18,7 +19,6 @@ def ingest(
 ) -> NamedTuple("IngestOutputs", out_dir=str, dvc_md5=str, mlflow_run_id=str, kept=int,
                 rejected=int):
     from vidops.components.publish import publish_stage
-
     from vidops.config import config_from_json
     from vidops.stages.ingest import run_ingest
     from vidops.tracking.workdir import Workdir

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kfp import compiler
+
 from vidops.pipelines.registry import PIPELINES
 
 

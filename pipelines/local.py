@@ -14,20 +14,38 @@ import shutil
 import time
 import warnings
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import kfp.local
 
 from vidops.config import Config
 from vidops.data.samples import write_samples
-from vidops.stage import load_output
+from vidops.stage import StageError, gate_failures, load_output
 from vidops.tracking import mlflow_runs
 from vidops.tracking.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
-# The stages each pipeline holds, in order, as they appear under <workdir>/data/.
-PIPELINE_STAGES: dict[str, list[str]] = {"curation": ["ingest"]}
+class PipelineFailed(RuntimeError):
+    """A task of the pipeline failed; `gate` is set when it was a data-quality gate."""
+
+    def __init__(self, message: str, gate: bool) -> None:
+        super().__init__(message)
+        self.gate = gate
+
+
+def _stage_outputs(workdir: Workdir, parent_run_id: str) -> list[dict[str, Any]]:
+    """The stage outputs this run produced: those whose MLflow run nests under its parent."""
+    found = []
+    for stage_file in sorted((workdir.root / "data").glob("*/stage.json")):
+        try:
+            _, info = load_output(stage_file.parent)
+        except StageError:
+            continue
+        if info["mlflow"].get("parent_run_id") == parent_run_id:
+            found.append(info)
+    return sorted(found, key=lambda info: info["started_at"])
 
 
 def ensure_samples(cfg: Config, workdir: Workdir, quiet: bool = False) -> list[str]:
@@ -75,6 +93,7 @@ def run_local(
         raise_on_error=True,
     )
     status = "FAILED"
+    failure: Exception | None = None
     try:
         # kfp.local warns that the components name a container image while running them in
         # this environment: that is the point of the embedded default.
@@ -82,20 +101,23 @@ def run_local(
         PIPELINES[name](sources=sources, workdir=str(workdir.root), config_json=cfg.to_json(),
                         parent_run_id=parent_run_id, quiet=quiet)
         status = "FINISHED"
+    except RuntimeError as exc:  # kfp.local: a task ended with status FAILURE
+        failure = exc
     finally:
         mlflow_runs.end_run(parent_run_id, status)
 
-    stages = []
-    for stage in PIPELINE_STAGES[name]:
-        _, info = load_output(workdir.stage_dir(stage))
-        stages.append({
-            "stage": stage, "out_dir": info["output"]["dir"], "counts": info["counts"],
-            "dvc_md5": info["dvc"]["md5"], "mlflow_run_id": info["mlflow"]["run_id"],
-            "duration_s": info["duration_s"],
-        })
+    gates = gate_failures(workdir, parent_run_id)
+    stages = [{
+        "stage": info["stage"], "out_dir": info["output"]["dir"], "counts": info["counts"],
+        "dvc_md5": info["dvc"]["md5"], "mlflow_run_id": info["mlflow"]["run_id"],
+        "validation": (info.get("validation") or {}).get("success"),
+        "duration_s": info["duration_s"],
+    } for info in _stage_outputs(workdir, parent_run_id)]
     summary = {
         "pipeline": name,
-        "status": "succeeded",
+        "status": "succeeded" if failure is None else "failed",
+        "error": None if failure is None else str(failure),
+        "gate_failures": gates,
         "started_at": started.isoformat(),
         "duration_s": round(time.perf_counter() - clock, 3),
         "workdir": str(workdir.root),
@@ -107,17 +129,22 @@ def run_local(
     tmp = workdir.run_summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     tmp.replace(workdir.run_summary)
+    if failure is not None:
+        reason = "; ".join(g["message"] for g in gates) if gates else str(failure)
+        raise PipelineFailed(f"{name} pipeline failed: {reason}", gate=bool(gates)) from failure
     return summary
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    rows = [("stage", "input", "kept", "rejected", "reasons", "dvc md5", "seconds")]
+    rows = [("stage", "output", "input", "kept", "rejected", "reasons", "valid", "dvc md5",
+             "seconds")]
     for stage in summary["stages"]:
         counts = stage["counts"]
         reasons = ", ".join(f"{k}={v}" for k, v in counts["by_reason"].items()) or "-"
-        rows.append((stage["stage"], str(counts["input"]), str(counts["kept"]),
-                     str(counts["rejected"]), reasons, stage["dvc_md5"][:12],
-                     f"{stage['duration_s']:.1f}"))
+        valid = {True: "yes", False: "NO", None: "-"}[stage["validation"]]
+        rows.append((stage["stage"], Path(stage["out_dir"]).name, str(counts["input"]),
+                     str(counts["kept"]), str(counts["rejected"]), reasons, valid,
+                     stage["dvc_md5"][:12], f"{stage['duration_s']:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]

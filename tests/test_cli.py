@@ -33,8 +33,17 @@ def test_global_options_work_before_and_after_the_subcommand(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("argv", [["samples", "x", "--kind", "cats"], ["compile", "--out", "x"],
-                                  ["filter", "--in", "a", "--out", "b"]])
+                                  ["pretrain", "--data", "a", "--out", "b"]])
 def test_bad_usage_exits_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_a_stage_refuses_an_input_that_is_not_a_finished_stage_output(tmp_path: Path,
+                                                                     capsys) -> None:
+    (tmp_path / "half").mkdir()
+    assert main(["filter", "--in", str(tmp_path / "half"), "--out", str(tmp_path / "out"),
+                 "--workdir", str(tmp_path / "w"), "--quiet"]) == 2
+    assert "not a finished stage output" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""The KFP side: compiled YAML, and the local pipeline run end to end through kfp.local."""
+"""The KFP side: compiled YAML, dvc.yaml in step with the DAG, and the local pipeline run
+end to end through kfp.local."""
 
 from __future__ import annotations
 
@@ -7,27 +8,62 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import yaml
 from mlflow.tracking import MlflowClient
+
+from vidops.config import load_config
 from vidops.pipelines.compile import compile_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_STAGES = ["ingest", "filter", "annotate"]
+
+
+def _compiled(tmp_path: Path) -> dict:
+    return yaml.safe_load(compile_pipeline("curation", tmp_path / "curation.yaml").read_text())
 
 
 def test_curation_pipeline_compiles_and_loads_back(tmp_path: Path) -> None:
-    out = compile_pipeline("curation", tmp_path / "curation.yaml")
-    spec = yaml.safe_load(out.read_text())
+    spec = _compiled(tmp_path)
     assert spec["pipelineInfo"]["name"] == "vidops-curation"
-    assert "comp-ingest" in spec["components"]
-    tasks = spec["root"]["dag"]["tasks"]
-    assert "ingest" in tasks
-    executor = spec["deploymentSpec"]["executors"]["exec-ingest"]["container"]
-    assert executor["image"].startswith("ghcr.io/vidops/vidops-cpu")
-    assert "run_ingest" in " ".join(executor["command"])
+    assert {"comp-ingest", "comp-shard", "comp-filter", "comp-annotate", "comp-merge"} <= set(
+        spec["components"])
+    root_tasks = spec["root"]["dag"]["tasks"]
+    loops = [t for t in root_tasks.values() if "parameterIterator" in t]
+    assert len(loops) == 1, "filter and annotate fan out over the shards"
+    loop_dag = spec["components"][loops[0]["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(loop_dag) == {"filter", "annotate"}
+    assert loop_dag["annotate"]["dependentTasks"] == ["filter"]
+    assert "merge" in root_tasks
+    for stage in ("ingest", "filter", "annotate", "merge"):
+        executor = spec["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]
+        assert executor["image"].startswith("ghcr.io/vidops/vidops-cpu")
+        assert f"run_{stage}" in " ".join(executor["command"])
     assert set(spec["root"]["inputDefinitions"]["parameters"]) >= {"sources", "workdir",
                                                                    "config_json"}
     from kfp import components
 
-    loaded = components.load_component_from_file(str(out))
-    assert loaded.name == "vidops-curation"
+    assert components.load_component_from_file(
+        str(tmp_path / "curation.yaml")).name == "vidops-curation"
+
+
+def test_dvc_yaml_runs_the_same_stages_as_the_kfp_dag(tmp_path: Path) -> None:
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    stages = dvc["stages"]
+    assert list(stages) == DATA_STAGES
+    spec = _compiled(tmp_path)
+    executors = spec["deploymentSpec"]["executors"]
+    config = load_config().to_dict()
+    previous_out = None
+    for name, stage in stages.items():
+        assert stage["cmd"].split()[:2] == ["vidops", name]  # the command the component runs
+        assert f"exec-{name}" in executors
+        for section in stage["params"]:
+            assert section in config, f"dvc.yaml names params section {section!r}"
+        (out,) = [next(iter(o)) for o in stage["outs"]]
+        if previous_out is not None:  # each stage reads the one before, as in the DAG
+            assert previous_out in stage["deps"] and f"--in {previous_out}" in stage["cmd"]
+        previous_out = out
 
 
 def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
@@ -35,25 +71,42 @@ def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "vidops.cli", "run", "--config", "tiny", "--workdir", str(work),
          "--set", "samples.counts.shapes=4", "--quiet"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=900,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ingest" in proc.stdout and "kept" in proc.stdout
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "curated" in proc.stdout and "filter" in proc.stdout
 
     summary = json.loads((work / "run-summary.json").read_text())
-    (ingest,) = summary["stages"]
+    stages = {s["stage"]: s for s in summary["stages"] if s["stage"] in ("ingest", "curated")}
     # 4 shapes + defects (2 good originals and 7 defects: one unreadable, one duplicate).
-    assert ingest["counts"]["input"] == 13
-    assert ingest["counts"]["by_reason"] == {"duplicate": 1, "unreadable": 1}
+    assert stages["ingest"]["counts"]["input"] == 13
+    assert stages["ingest"]["counts"]["by_reason"] == {"duplicate": 1, "unreadable": 1}
+    assert all(s["validation"] for s in summary["stages"])
+    filters = [s for s in summary["stages"] if s["stage"] == "filter"]
+    assert len(filters) == load_config("tiny").curation.shards
 
-    stage_json = json.loads((work / "data" / "ingest" / "stage.json").read_text())
-    assert stage_json["dvc"]["md5"] == ingest["dvc_md5"]
+    # Every defect got its reason somewhere in the run; the good clips reached the end.
+    expected = json.loads((work / "samples" / "defects" / "expected.json").read_text())
+    decisions: dict[str, set[str]] = {}
+    for stage in summary["stages"]:
+        rejected = pd.read_parquet(Path(stage["out_dir"]) / "rejected.parquet")
+        for uri, reason in zip(rejected.source_uri, rejected.reason, strict=True):
+            decisions.setdefault(Path(uri).name, set()).add(reason)
+    curated = pd.read_parquet(work / "data" / "curated" / "manifest.parquet")
+    for uri in curated.source_uri:
+        decisions.setdefault(Path(uri).name, set()).add("kept")
+    for name, reason in expected.items():
+        assert decisions[name] == {reason or "kept"}, name
+    assert curated.caption.notna().all()
+    assert all((work / "data" / "curated" / p).is_file() for p in curated.path)
+
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     client = MlflowClient()
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
-    child = client.get_run(ingest["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
-    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert (work / ".dvc").is_dir() and (work / "datasets" / "ingest.dvc").is_file()
+    for stage in summary["stages"]:
+        child = client.get_run(stage["mlflow_run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (work / ".dvc").is_dir() and (work / "datasets" / "curated.dvc").is_file()

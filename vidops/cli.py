@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vidops.config import Config
+    from vidops.tracking.workdir import Workdir
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE = 0, 1, 2
 
@@ -58,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="URI", help="folder, CSV/JSONL manifest, CogVideo folder, or file")
     p.add_argument("--out", type=Path, default=None, help="default <workdir>/data/ingest")
 
+    p = sub.add_parser("filter", parents=[common],
+                       help="gates, quality scores, scene split, dedup, normalised clips")
+    p.add_argument("--in", dest="in_dir", type=Path, default=None,
+                   help="an ingest output (default <workdir>/data/ingest)")
+    p.add_argument("--out", type=Path, default=None, help="default <workdir>/data/filter")
+    p.add_argument("--shard", type=Path, default=None,
+                   help="a shard file: filter only the sources it lists")
+
+    p = sub.add_parser("annotate", parents=[common],
+                       help="captions, keyframes, faces (optional blur), tags")
+    p.add_argument("--in", dest="in_dir", type=Path, default=None,
+                   help="a filter output (default <workdir>/data/filter)")
+    p.add_argument("--out", type=Path, default=None, help="default <workdir>/data/annotate")
+
+    p = sub.add_parser("merge", parents=[common],
+                       help="merge annotated shards with a cross-shard dedup")
+    p.add_argument("--in", dest="in_dirs", type=Path, nargs="+", required=True)
+    p.add_argument("--out", type=Path, default=None, help="default <workdir>/data/curated")
+
     p = sub.add_parser("run", parents=[common],
                        help="run the pipeline locally through kfp.local")
     p.add_argument("--source", dest="sources", nargs="+", action="extend", default=[],
@@ -84,15 +104,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from vidops.config import ConfigError, load_config
     from vidops.data.sources import SourceError
-    from vidops.stage import StageError
+    from vidops.stage import GateError, StageError
 
     try:
         cfg = load_config(args.config, args.overrides)
         return _dispatch(args, cfg)
-    except (ConfigError, SourceError) as exc:
-        print(f"vidops: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except StageError as exc:
+    except GateError as exc:
+        print(f"vidops: gate refused: {exc}", file=sys.stderr)
+        return EXIT_GATE
+    except (ConfigError, SourceError, StageError) as exc:
         print(f"vidops: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -121,17 +141,53 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         info = run_ingest(args.sources, args.out or workdir.stage_dir("ingest"), cfg=cfg,
                           workdir=workdir, quiet=args.quiet)
         print(json.dumps({"out_dir": info["output"]["dir"], "counts": info["counts"],
+                          "validation": (info.get("validation") or {}).get("success"),
                           "dvc_md5": info["dvc"]["md5"],
                           "mlflow_run_id": info["mlflow"]["run_id"]}, indent=2))
         return EXIT_OK
 
-    if args.command == "run":
-        from vidops.pipelines.local import run_local, summary_table
+    if args.command in ("filter", "annotate", "merge"):
+        return _run_data_stage(args, cfg, workdir)
 
-        summary = run_local(args.pipeline, cfg, workdir, args.sources, quiet=args.quiet)
+    if args.command == "run":
+        from vidops.pipelines.local import PipelineFailed, run_local, summary_table
+
+        try:
+            summary = run_local(args.pipeline, cfg, workdir, args.sources, quiet=args.quiet)
+        except PipelineFailed as exc:
+            print(f"vidops: {exc}", file=sys.stderr)
+            print(f"see {workdir.run_summary}", file=sys.stderr)
+            return EXIT_GATE if exc.gate else EXIT_USAGE
         print(summary_table(summary))
         return EXIT_OK
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _run_data_stage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
+    if args.command == "filter":
+        from vidops.data.shards import read_shard
+        from vidops.stages.filter import run_filter
+
+        shard_source = read_shard(args.shard)[2] if args.shard else None
+        info = run_filter(args.in_dir or shard_source or workdir.stage_dir("ingest"),
+                          args.out or workdir.stage_dir("filter"), shard_file=args.shard,
+                          cfg=cfg, workdir=workdir, quiet=args.quiet)
+    elif args.command == "annotate":
+        from vidops.stages.annotate import run_annotate
+
+        info = run_annotate(args.in_dir or workdir.stage_dir("filter"),
+                            args.out or workdir.stage_dir("annotate"), cfg=cfg,
+                            workdir=workdir, quiet=args.quiet)
+    else:
+        from vidops.stages.merge import run_merge
+
+        info = run_merge(args.in_dirs, args.out or workdir.stage_dir("curated"), cfg=cfg,
+                         workdir=workdir, quiet=args.quiet)
+    print(json.dumps({"out_dir": info["output"]["dir"], "counts": info["counts"],
+                      "validation": (info.get("validation") or {}).get("success"),
+                      "dvc_md5": info["dvc"]["md5"],
+                      "mlflow_run_id": info["mlflow"]["run_id"]}, indent=2))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ the kept rows point to. `run_stage` does everything else, the same way for every
    killed at any point leaves nothing at the output path that a re-run or a later stage
    could mistake for a result;
 2. checks the accounting `input == kept + rejected` and that every rejection has a known
-   reason code;
-3. writes manifest.parquet and rejected.parquet, versions the directory with DVC and pushes
+   reason code; for a stage that splits inputs (filter: one video, many clips) every input
+   must be the source of a kept row or of a rejected one;
+3. validates the manifest with the stage's Great Expectations suite (a failure is a
+   GateError: the output is not committed and the pipeline stops);
+4. writes manifest.parquet and rejected.parquet, versions the directory with DVC and pushes
    it to the remote, records an MLflow run with the resolved config, counts and dataset;
-4. writes stage.json last and renames the finished directory into place in one step.
+5. writes stage.json last and renames the finished directory into place in one step.
 
 An output directory without a complete stage.json is never trusted (`load_output` refuses it).
 """
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.parquet"
 REJECTED = "rejected.parquet"
 STAGE_JSON = "stage.json"
+VALIDATION_JSON = "validation.json"
+DATA_DOCS = "data_docs"
 STATUS_COMPLETE = "complete"
 
 
@@ -54,6 +59,10 @@ class StageError(RuntimeError):
 
 class AccountingError(StageError):
     """Inputs went missing or were counted twice: input != kept + rejected."""
+
+
+class GateError(StageError):
+    """The data failed its quality gate (Great Expectations suite): exit code 1."""
 
 
 @dataclass
@@ -67,12 +76,19 @@ class StageContext:
     in_dir: Path | None
     quiet: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    # The finished stage outputs this stage read: dataset versions for lineage and MLflow.
+    inputs: list[tuple[pd.DataFrame, dict[str, Any]]] = field(default_factory=list)
+
+    def read_input(self, directory: Path) -> pd.DataFrame:
+        """The manifest of a finished stage output, recorded as an input of this stage."""
+        manifest, info = load_output(directory)
+        self.inputs.append((manifest, info))
+        return manifest
 
     def input_manifest(self) -> pd.DataFrame:
         if self.in_dir is None:
             raise StageError(f"stage {self.name} has no input directory")
-        manifest, _ = load_output(self.in_dir)
-        return manifest
+        return self.read_input(self.in_dir)
 
     @contextmanager
     def timed(self, label: str) -> Iterator[None]:
@@ -92,6 +108,10 @@ class StageOutcome:
     rejected: pd.DataFrame
     input_digest: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # For stages that split inputs: the input ids, and the column of kept and rejected rows
+    # that names the input each row came from. Unset: one row out per input in.
+    input_ids: list[str] | None = None
+    unit: str | None = None
 
 
 StageBody = Callable[[StageContext], StageOutcome]
@@ -131,20 +151,42 @@ def _remove_stale_partials(out_dir: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _check_accounting(name: str, outcome: StageOutcome) -> dict[str, int]:
+def _check_accounting(name: str, outcome: StageOutcome) -> dict[str, Any]:
+    """Every input accounted for exactly once; returns the counts for stage.json."""
     kept, rejected = len(outcome.kept), len(outcome.rejected)
-    if outcome.input_count != kept + rejected:
-        raise AccountingError(
-            f"stage {name}: {outcome.input_count} inputs but {kept} kept + {rejected} rejected"
-        )
+    counts: dict[str, Any] = {"input": outcome.input_count, "kept": kept, "rejected": rejected}
+    if outcome.unit is None:
+        if outcome.input_count != kept + rejected:
+            raise AccountingError(
+                f"stage {name}: {outcome.input_count} inputs but {kept} kept + {rejected} "
+                "rejected")
+    else:
+        inputs = set(outcome.input_ids or [])
+        if len(inputs) != outcome.input_count:
+            raise AccountingError(f"stage {name}: input ids are not unique")
+        with_kept = set(outcome.kept[outcome.unit].astype(str))
+        with_rejected = set(outcome.rejected["source_sha256"].astype(str)
+                            if outcome.unit == "source_sha256"
+                            else outcome.rejected["id"].astype(str))
+        unknown = (with_kept | with_rejected) - inputs
+        lost = inputs - with_kept - with_rejected
+        if unknown or lost:
+            raise AccountingError(f"stage {name}: {len(lost)} inputs unaccounted for "
+                                  f"{sorted(lost)[:3]}, {len(unknown)} rows from unknown inputs")
+        clip_ids = set(outcome.rejected["id"].astype(str))
+        if "clip_id" in outcome.kept and clip_ids & set(outcome.kept["clip_id"].astype(str)):
+            raise AccountingError(f"stage {name}: rows both kept and rejected")
+        # input == inputs_kept + inputs_rejected: an input is kept if any of its rows is.
+        counts.update(inputs_kept=len(with_kept), inputs_rejected=len(inputs - with_kept))
     missing = set(REJECTED_COLUMNS) - set(outcome.rejected.columns)
     if missing:
         raise StageError(f"stage {name}: rejected table lacks columns {sorted(missing)}")
     known = {reason.value for reason in Reason}
-    unknown = set(outcome.rejected["reason"].astype(str)) - known
-    if unknown:
-        raise StageError(f"stage {name}: unknown reason codes {sorted(unknown)}")
-    return dict(sorted(Counter(outcome.rejected["reason"].astype(str)).items()))
+    unknown_reasons = set(outcome.rejected["reason"].astype(str)) - known
+    if unknown_reasons:
+        raise StageError(f"stage {name}: unknown reason codes {sorted(unknown_reasons)}")
+    counts["by_reason"] = dict(sorted(Counter(outcome.rejected["reason"].astype(str)).items()))
+    return counts
 
 
 def _commit(tmp: Path, out_dir: Path) -> None:
@@ -159,6 +201,57 @@ def _commit(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _validate(suite: str, manifest: pd.DataFrame, cfg: Config, gx_dir: Path,
+              counts: dict[str, Any], ctx: StageContext) -> dict[str, Any] | None:
+    """Run the suite, if the stage has one; a failure is logged to MLflow, then raised."""
+    from vidops.quality.suites import SUITE_STAGES
+
+    if suite not in SUITE_STAGES:
+        return None
+    from vidops.quality.validate import validate_manifest
+
+    gx_dir.mkdir()
+    with ctx.timed("validate"):
+        report = validate_manifest(suite, manifest, cfg, gx_dir, counts)
+    summary = {"suite": suite, "success": report.success, "evaluated": report.evaluated,
+               "successful": report.successful, "failed": report.failed,
+               "results": VALIDATION_JSON, "data_docs": f"{DATA_DOCS}/index.html"}
+    mlflow.log_metric("validation_success", float(report.success))
+    if not report.success:
+        for produced in gx_dir.iterdir():
+            mlflow_runs.log_file(produced)
+        message = (f"stage {ctx.name}: the {suite} data failed its Great Expectations suite: "
+                   f"{'; '.join(report.failed)}")
+        _record_gate_failure(ctx, message, summary)
+        raise GateError(message)
+    return summary
+
+
+GATE_FAILURES = "gate-failures"
+
+
+def _record_gate_failure(ctx: StageContext, message: str, summary: dict[str, Any]) -> None:
+    """Leave a note in the workdir, so whoever runs the pipeline (possibly in another process)
+    can tell a refused gate (exit 1) from a crash."""
+    run = mlflow.active_run()
+    record = {"stage": ctx.name, "message": message, "validation": summary,
+              "mlflow_run_id": run.info.run_id if run else None,
+              "parent_run_id": (run.data.tags.get("mlflow.parentRunId") if run else None),
+              "at": datetime.now(timezone.utc).isoformat()}
+    folder = ctx.workdir.root / GATE_FAILURES
+    folder.mkdir(exist_ok=True)
+    (folder / f"{ctx.name}-{record['mlflow_run_id']}.json").write_text(json.dumps(record,
+                                                                                  indent=2))
+
+
+def gate_failures(workdir: Workdir, parent_run_id: str) -> list[dict[str, Any]]:
+    """The gate failures recorded under one pipeline run."""
+    folder = workdir.root / GATE_FAILURES
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if (
+        folder.is_dir()) else []
+    return [r for r in records if r.get("parent_run_id") == parent_run_id]
+
+
 def run_stage(
     name: str,
     body: StageBody,
@@ -170,13 +263,22 @@ def run_stage(
     parent_run_id: str | None = None,
     experiment: str | None = None,
     quiet: bool = False,
+    suite: str | None = None,
+    dataset_name: str | None = None,
 ) -> dict[str, Any]:
-    """Run one stage under the contract and return its stage.json content."""
+    """Run one stage under the contract and return its stage.json content.
+
+    `suite` names the Great Expectations suite the manifest must pass (default: the stage's
+    own, when one exists); `dataset_name` is the DVC dataset (default: the stage name; shards
+    of a fanned-out stage each get their own)."""
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
+    # Validation results carry timestamps, so they stay out of the hashed dataset: they are
+    # built beside it and moved in after DVC has hashed the data.
+    gx_dir = out_dir.with_name(f".{out_dir.name}.gx-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()
     experiment = experiment or cfg.tracking.experiments.curation
@@ -186,16 +288,19 @@ def run_stage(
                                quiet)
             with ctx.timed("body"):
                 outcome = body(ctx)
-            by_reason = _check_accounting(name, outcome)
+            counts = _check_accounting(name, outcome)
+            by_reason = counts["by_reason"]
 
             with ctx.timed("write"):
                 write_table(outcome.kept, tmp / MANIFEST)
                 write_table(outcome.rejected[REJECTED_COLUMNS], tmp / REJECTED)
+            validation = _validate(suite or name, outcome.kept, cfg, gx_dir, counts, ctx)
             with ctx.timed("dvc"):
-                version = dvc_tracking.version_directory(workdir, tmp, name, cfg.dvc.remote)
-
-            counts = {"input": outcome.input_count, "kept": len(outcome.kept),
-                      "rejected": len(outcome.rejected), "by_reason": by_reason}
+                version = dvc_tracking.version_directory(workdir, tmp, dataset_name or name,
+                                                         cfg.dvc.remote)
+            if validation is not None:
+                for produced in gx_dir.iterdir():
+                    produced.rename(tmp / produced.name)
             info = {
                 "stage": name,
                 "status": STATUS_COMPLETE,
@@ -206,9 +311,14 @@ def run_stage(
                 "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
                 "params": cfg.to_dict(),
                 "input": {"dir": str(ctx.in_dir) if ctx.in_dir else None,
-                          "digest": outcome.input_digest},
+                          "digest": outcome.input_digest,
+                          "datasets": [{"stage": info["stage"], "dir": info["output"]["dir"],
+                                        "dvc_md5": info["dvc"]["md5"],
+                                        "mlflow_run_id": info["mlflow"]["run_id"]}
+                                       for _, info in ctx.inputs]},
                 "output": {"dir": str(out_dir), "manifest": MANIFEST, "rejected": REJECTED},
                 "counts": counts,
+                "validation": validation,
                 "dvc": version.to_dict(),
                 "mlflow": {"tracking_uri": mlflow_runs.redact(mlflow.get_tracking_uri()),
                            "experiment": experiment,
@@ -227,12 +337,21 @@ def run_stage(
                              "vidops.dvc_md5": version.md5, "vidops.output_dir": str(out_dir)})
             mlflow_runs.log_dataset(outcome.kept, name=name, digest=version.md5,
                                     source=version.object_uri, context="output")
-            for artifact in (STAGE_JSON, MANIFEST, REJECTED):
-                mlflow_runs.log_file(tmp / artifact)
+            for manifest, consumed in ctx.inputs:
+                mlflow_runs.log_dataset(
+                    manifest, name=Path(consumed["output"]["dir"]).name,
+                    digest=consumed["dvc"]["md5"],
+                    source=dvc_tracking.DatasetVersion(**consumed["dvc"]).object_uri,
+                    context="input")
+            for artifact in (STAGE_JSON, MANIFEST, REJECTED, VALIDATION_JSON, DATA_DOCS):
+                if (tmp / artifact).exists():
+                    mlflow_runs.log_file(tmp / artifact)
             _commit(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(gx_dir, ignore_errors=True)
     log.info("%s: %d in, %d kept, %d rejected -> %s", name, counts["input"], counts["kept"],
              counts["rejected"], out_dir)
     return info

@@ -46,7 +46,7 @@ def rejected_frame(rows: list[dict]) -> pd.DataFrame:
 # Columns of the filter stage's manifest: one row per kept clip.
 FILTER_COLUMNS = [
     "clip_id",  # f"{source_sha256[:16]}-{start_frame:06d}-{end_frame:06d}": content + cut points
-    "source_sha256", "source_uri", "source_name", "license",
+    "source_sha256", "source_uri", "source_name", "source_width", "source_height", "license",
     "caption", "caption_origin",  # carried over from ingest
     "scene_index", "clip_index", "start_frame", "end_frame", "start_s", "end_s", "duration_s",
     "width", "height", "fps", "frames",  # of the normalised clip

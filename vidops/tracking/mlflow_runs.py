@@ -116,4 +116,9 @@ def log_dataset(
 
 
 def log_file(path: Path) -> None:
-    mlflow.log_artifact(str(path))
+    """Log a file, or a directory under its own name, as artifacts of the active run."""
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=path.name)
+    else:
+        mlflow.log_artifact(str(path))

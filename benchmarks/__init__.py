@@ -1,0 +1,1 @@
+"""Performance benchmarks: one command each (`python -m benchmarks.<name>`), printing a table."""

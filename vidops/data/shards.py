@@ -1,0 +1,57 @@
+"""Sharding a manifest for the fan-out of the curation DAG.
+
+Shards are balanced by total duration (longest first, each to the lightest shard), since a
+shard's cost is its decoding time, not its number of files. Each shard is a small JSON file
+listing the source ids it holds; every filter task reads the whole ingest manifest and keeps
+the rows of its shard, so no media is copied to fan out.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def plan_shards(manifest: pd.DataFrame, count: int) -> list[list[str]]:
+    """Split source ids into at most `count` shards of near-equal total duration."""
+    if count < 1:
+        raise ValueError("shard count must be at least 1")
+    heap = [(0.0, index) for index in range(count)]
+    shards: list[list[str]] = [[] for _ in range(count)]
+    order = manifest.sort_values(["duration_s", "source_sha256"], ascending=[False, True])
+    for sha, duration in zip(order["source_sha256"], order["duration_s"], strict=True):
+        load, index = heapq.heappop(heap)
+        shards[index].append(str(sha))
+        heapq.heappush(heap, (load + float(duration), index))
+    # At least one shard, even an empty one, so the DAG still runs and its gates speak.
+    return [sorted(shard) for shard in shards if shard] or [[]]
+
+
+def write_shards(manifest: pd.DataFrame, count: int, dest: Path,
+                 source_dir: Path | None = None) -> list[str]:
+    """Write shard-NN.json files into `dest` (atomically each); returns their paths. A shard
+    names the stage output it partitions (`source_dir`), so a shard file alone is a task."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for stale in dest.glob("shard-*.json"):
+        stale.unlink()
+    paths = []
+    for index, ids in enumerate(plan_shards(manifest, count)):
+        path = dest / f"shard-{index:02d}.json"
+        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"index": index, "source_dir": str(source_dir or ""),
+                                   "source_ids": ids}, indent=1))
+        tmp.replace(path)
+        paths.append(str(path))
+    return paths
+
+
+def read_shard(path: str | Path) -> tuple[str, set[str], Path | None]:
+    """(shard name, source ids, the stage output it partitions) of a shard file."""
+    data = json.loads(Path(path).read_text())
+    source = data.get("source_dir") or None
+    return (f"shard-{int(data['index']):02d}", set(data["source_ids"]),
+            Path(source) if source else None)

@@ -1,0 +1,238 @@
+"""Filter: source videos in, clean, normalised clips out.
+
+1. Hard gates from the ingest metadata, without decoding: too_small, too_short, unsupported.
+2. One decode pass per video (vidops.media.analysis) computes sharpness, motion, scene cuts
+   and perceptual hashes, splits the video into clips at the cuts, rejects blurry and static
+   clips and writes the kept ones normalised. Videos are analysed in parallel, one worker
+   process per video, each decoding single-threaded: that is what scales on all cores.
+3. Near duplicates across the whole dataset (or shard; the curation DAG's merge repeats it
+   across shards): the higher-resolution, then sharper clip is kept.
+
+Accounting is per source video: each is the source of kept clips, or of rejected rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from vidops.config import Config
+from vidops.data.manifest import FILTER_COLUMNS, Reason, rejected_frame
+from vidops.data.shards import read_shard
+from vidops.media.analysis import AnalysisError, AnalysisSettings, VideoAnalysis, analyse_video
+from vidops.stage import StageContext, StageOutcome, run_stage
+from vidops.tracking.workdir import Workdir
+
+STAGE = "filter"
+CLIPS = "clips"
+
+
+def analysis_settings(cfg: Config) -> AnalysisSettings:
+    f = cfg.filter
+    return AnalysisSettings(
+        analysis_short_side=f.analysis_short_side, sample_fps=f.sample_fps,
+        scene_threshold=f.scene_threshold, min_scene_s=f.min_scene_s,
+        min_clip_s=f.min_clip_s, max_clip_s=f.max_clip_s,
+        blurry_threshold=f.blurry_threshold, static_threshold=f.static_threshold,
+        out_fps=f.normalise.fps, out_short_side=f.normalise.short_side,
+        crf=f.normalise.crf, preset=f.normalise.preset,
+    )
+
+
+def hard_gate(row: Any, cfg: Config) -> tuple[str, str] | None:
+    """(reason, detail) for a source that fails a gate readable from its metadata."""
+    f = cfg.filter
+    if row.width < f.min_width or row.height < f.min_height:
+        return (Reason.TOO_SMALL.value,
+                f"{row.width}x{row.height} below the minimum {f.min_width}x{f.min_height}")
+    if row.duration_s < f.min_duration_s:
+        return (Reason.TOO_SHORT.value,
+                f"{row.duration_s:.2f}s below the minimum {f.min_duration_s:.2f}s")
+    aspect = max(row.width, row.height) / min(row.width, row.height)
+    if aspect > f.max_aspect_ratio:
+        return (Reason.UNSUPPORTED.value,
+                f"aspect ratio {aspect:.2f} beyond the maximum {f.max_aspect_ratio:.2f}")
+    if row.fps < f.min_fps:
+        return Reason.UNSUPPORTED.value, f"{row.fps:.2f} fps below the minimum {f.min_fps:.2f}"
+    return None
+
+
+def clip_id(source_sha256: str, start_frame: int, end_frame: int) -> str:
+    """Stable across re-runs: the source's content and the cut points."""
+    return f"{source_sha256[:16]}-{start_frame:06d}-{end_frame:06d}"
+
+
+def _hashes(phashes: str) -> np.ndarray:
+    return np.array([int(h, 16) for h in phashes.split(",")], dtype=np.uint64)
+
+
+def dedup(clips: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Drop near duplicates: clips whose perceptual hashes (at 25/50/75 % of the clip) are all
+    within `phash_distance` bits and whose mean colours are within `colour_distance` of a clip
+    already kept. Better clips are visited first, so they are the ones kept."""
+    if clips.empty:
+        return clips, []
+    order = clips.assign(_area=clips.source_width * clips.source_height).sort_values(
+        ["_area", "sharpness", "clip_id"], ascending=[False, False, True]).drop(columns="_area")
+    kept_rows: list[int] = []
+    kept_hashes = np.zeros((0, 3), dtype=np.uint64)
+    kept_colours = np.zeros((0, 3), dtype=np.float64)
+    rejected: list[dict[str, Any]] = []
+    limit, colour_limit = cfg.filter.phash_distance, cfg.filter.colour_distance
+    for position, row in enumerate(order.itertuples(index=False)):
+        hashes = _hashes(row.phashes)
+        colour = np.array([row.mean_r, row.mean_g, row.mean_b])
+        if len(kept_rows):
+            bits = np.bitwise_count(kept_hashes ^ hashes).max(axis=1)
+            colour_gap = np.linalg.norm(kept_colours - colour, axis=1)
+            matches = np.flatnonzero((bits <= limit) & (colour_gap <= colour_limit))
+            if matches.size:
+                original = order.iloc[kept_rows[matches[0]]]
+                rejected.append({
+                    "id": row.clip_id, "source_uri": row.source_uri,
+                    "source_sha256": row.source_sha256, "reason": Reason.NEAR_DUPLICATE.value,
+                    "detail": (f"near duplicate of {original.clip_id} from "
+                               f"{original.source_uri} (phash distance "
+                               f"{int(bits[matches[0]])}, colour distance "
+                               f"{colour_gap[matches[0]]:.1f})"),
+                })
+                continue
+        kept_rows.append(position)
+        kept_hashes = np.vstack([kept_hashes, hashes])
+        kept_colours = np.vstack([kept_colours, colour])
+    return order.iloc[kept_rows].sort_values("clip_id").reset_index(drop=True), rejected
+
+
+def _analyse_all(ctx: StageContext, jobs: list[tuple[str, Path]]
+                 ) -> list[VideoAnalysis | AnalysisError]:
+    settings = analysis_settings(ctx.cfg)
+    clips_dir = ctx.out_dir / CLIPS
+    clips_dir.mkdir(exist_ok=True)
+    workers = max(1, min(ctx.cfg.filter.workers or os.cpu_count() or 1, len(jobs)))
+    results: list[VideoAnalysis | AnalysisError] = []
+    progress = tqdm(total=len(jobs), desc="filter", unit="video", disable=ctx.quiet)
+
+    def collect(get: Any) -> None:
+        try:
+            results.append(get())
+        except AnalysisError as exc:
+            results.append(exc)
+        progress.update()
+
+    if workers == 1:
+        for name, path in jobs:
+            collect(lambda n=name, p=path: analyse_video(p, clips_dir, n, settings))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(analyse_video, path, clips_dir, name, settings)
+                       for name, path in jobs]
+            for future in futures:
+                collect(future.result)
+    progress.close()
+    return results
+
+
+def filter_body(ctx: StageContext, shard: set[str] | None = None) -> StageOutcome:
+    sources = ctx.input_manifest()
+    if shard is not None:
+        sources = sources[sources.source_sha256.isin(shard)]
+    sources = sources.sort_values("source_sha256").reset_index(drop=True)
+    assert ctx.in_dir is not None
+
+    rejected: list[dict[str, Any]] = []
+    analysed = []
+    for row in sources.itertuples(index=False):
+        gate = hard_gate(row, ctx.cfg)
+        if gate:
+            rejected.append({"id": row.source_sha256, "source_uri": row.source_uri,
+                             "source_sha256": row.source_sha256, "reason": gate[0],
+                             "detail": gate[1]})
+        else:
+            analysed.append(row)
+
+    with ctx.timed("analyse"):
+        results = _analyse_all(ctx, [(row.source_sha256[:16], ctx.in_dir / row.path)
+                                     for row in analysed])
+
+    candidates = []
+    cut_points: dict[str, list[int]] = {}
+    for row, result in zip(analysed, results, strict=True):
+        source = {"source_sha256": row.source_sha256, "source_uri": row.source_uri}
+        if isinstance(result, AnalysisError):
+            rejected.append({"id": row.source_sha256, **source,
+                             "reason": Reason.UNREADABLE.value, "detail": str(result)})
+            continue
+        cut_points[row.source_sha256] = list(result.cuts)
+        if not result.clips:
+            rejected.append({"id": row.source_sha256, **source, "reason": Reason.TOO_SHORT.value,
+                             "detail": "no scene long enough for a clip"})
+        for clip in result.clips:
+            cid = clip_id(row.source_sha256, clip.start_frame, clip.end_frame)
+            scores = (f"sharpness {clip.sharpness:.1f}, motion {clip.motion:.3f}, "
+                      f"{clip.end_s - clip.start_s:.2f}s")
+            if clip.reason is not None:
+                rejected.append({"id": cid, **source, "reason": clip.reason,
+                                 "detail": f"clip {clip.start_frame}-{clip.end_frame}: {scores}"})
+                continue
+            relpath = f"{CLIPS}/{cid}.mp4"
+            Path(clip.path).rename(ctx.out_dir / relpath)
+            candidates.append({
+                "clip_id": cid, **source, "source_name": row.source_name,
+                "source_width": int(row.width), "source_height": int(row.height),
+                "license": row.license, "caption": row.caption,
+                "caption_origin": row.caption_origin,
+                "scene_index": clip.scene_index, "clip_index": clip.clip_index,
+                "start_frame": clip.start_frame, "end_frame": clip.end_frame,
+                "start_s": round(clip.start_s, 4), "end_s": round(clip.end_s, 4),
+                "duration_s": round(clip.frames / clip.fps, 4) if clip.fps else 0.0,
+                "width": clip.width, "height": clip.height, "fps": clip.fps,
+                "frames": clip.frames, "sharpness": round(clip.sharpness, 4),
+                "motion": round(clip.motion, 5), "frame_diff": round(clip.frame_diff, 4),
+                "phash": clip.phash, "phashes": ",".join(clip.phashes),
+                "mean_r": round(clip.mean_rgb[0], 3), "mean_g": round(clip.mean_rgb[1], 3),
+                "mean_b": round(clip.mean_rgb[2], 3), "path": relpath,
+            })
+
+    with ctx.timed("dedup"):
+        kept, duplicates = dedup(pd.DataFrame(candidates, columns=FILTER_COLUMNS), ctx.cfg)
+    for dup in duplicates:
+        (ctx.out_dir / CLIPS / f"{dup['id']}.mp4").unlink()
+    rejected.extend(duplicates)
+
+    listing = json.dumps(sorted(sources.source_sha256.tolist()))
+    return StageOutcome(
+        input_count=len(sources),
+        kept=kept[FILTER_COLUMNS],
+        rejected=rejected_frame(sorted(rejected, key=lambda r: (r["source_uri"], r["id"]))),
+        input_digest="sha256:" + hashlib.sha256(listing.encode()).hexdigest(),
+        input_ids=sources.source_sha256.tolist(),
+        unit="source_sha256",
+        extra={"scene_cuts": cut_points},
+    )
+
+
+def run_filter(
+    in_dir: Path,
+    out_dir: Path,
+    *,
+    cfg: Config,
+    workdir: Workdir,
+    shard_file: str | Path | None = None,
+    parent_run_id: str | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Filter the ingest output in `in_dir` (or one shard of it) into `out_dir`."""
+    shard_name, shard, _ = read_shard(shard_file) if shard_file else (None, None, None)
+    return run_stage(STAGE, lambda ctx: filter_body(ctx, shard), cfg=cfg, workdir=workdir,
+                     out_dir=out_dir, in_dir=in_dir, parent_run_id=parent_run_id, quiet=quiet,
+                     dataset_name=f"{STAGE}-{shard_name}" if shard_name else STAGE)

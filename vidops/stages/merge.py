@@ -1,0 +1,77 @@
+"""Merge: the annotated shards of a fanned-out curation run, as one curated dataset.
+
+Each shard was de-duplicated on its own; near duplicates that landed in different shards
+meet here and go through the same dedup as the filter stage. Media are hard-linked, not
+copied. The result is validated with the `curated` suite: the dataset training reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from vidops.config import Config
+from vidops.data.manifest import rejected_frame
+from vidops.stage import StageContext, StageOutcome, run_stage
+from vidops.stages.filter import dedup
+from vidops.tracking.workdir import Workdir
+
+STAGE = "curated"
+MEDIA_COLUMNS = ("path", "keyframe")
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link when on one filesystem (free), copy otherwise."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def merge_body(ctx: StageContext, in_dirs: list[Path]) -> StageOutcome:
+    frames, digests = [], []
+    for in_dir in in_dirs:
+        manifest = ctx.read_input(in_dir)
+        frames.append(manifest.assign(shard_dir=str(in_dir)))
+        digests.append(ctx.inputs[-1][1]["dvc"]["md5"])
+    merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if merged["clip_id"].duplicated().any():
+        raise ValueError("the same clip appears in two shards; shards must not overlap")
+
+    with ctx.timed("dedup"):
+        kept, duplicates = dedup(merged, ctx.cfg)
+    with ctx.timed("link"):
+        for row in kept.itertuples(index=False):
+            for column in MEDIA_COLUMNS:
+                relpath = getattr(row, column, None)
+                if isinstance(relpath, str) and relpath:
+                    link_or_copy(Path(row.shard_dir) / relpath, ctx.out_dir / relpath)
+    listing = json.dumps(sorted(digests))
+    return StageOutcome(
+        input_count=len(merged),
+        kept=kept.drop(columns="shard_dir"),
+        rejected=rejected_frame(duplicates),
+        input_digest="sha256:" + hashlib.sha256(listing.encode()).hexdigest(),
+        extra={"shards": [str(p) for p in in_dirs]},
+    )
+
+
+def run_merge(
+    in_dirs: list[Path],
+    out_dir: Path,
+    *,
+    cfg: Config,
+    workdir: Workdir,
+    parent_run_id: str | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    in_dirs = [Path(p).resolve() for p in in_dirs]
+    return run_stage(STAGE, lambda ctx: merge_body(ctx, in_dirs), cfg=cfg, workdir=workdir,
+                     out_dir=out_dir, parent_run_id=parent_run_id, quiet=quiet)
