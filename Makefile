@@ -27,6 +27,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.curation
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -140,3 +140,24 @@ def test_shards_are_balanced_by_duration_and_cover_every_source(tmp_path: Path) 
     assert read_shard(paths[0])[2] is None
     assert names == ["shard-00", "shard-01", "shard-02"]
     assert plan_shards(manifest.iloc[:0], 4) == [[]], "an empty dataset still has one shard"
+
+
+def test_a_blurry_copy_of_a_kept_clip_is_a_near_duplicate() -> None:
+    from vidops.stages.filter import relabel_copies
+
+    cfg = load_config("tiny")
+    base = [0x0F0F0F0F0F0F0F0F, 0x00FF00FF00FF00FF, 0x123456789ABCDEF0]
+    kept = pd.DataFrame([_clip("original", base, (100, 50, 50), 400, 2.0)])
+    rejected = [
+        {"id": "copy", "source_uri": "/copy.mkv", "source_sha256": "c" * 64,
+         "reason": "blurry", "detail": "sharpness 0.2"},
+        {"id": "unrelated", "source_uri": "/x.mp4", "source_sha256": "d" * 64,
+         "reason": "blurry", "detail": "sharpness 0.1"},
+    ]
+    scored = {"copy": (",".join(f"{h ^ 1:016x}" for h in base), np.array([99.0, 51, 50])),
+              "unrelated": (",".join(f"{~h & (2**64 - 1):016x}" for h in base),
+                            np.array([99.0, 51, 50]))}
+    relabel_copies(rejected, scored, kept, cfg)
+    assert [r["reason"] for r in rejected] == ["near_duplicate", "blurry"]
+    assert "near duplicate of original" in rejected[0]["detail"]
+    assert "also blurry" in rejected[0]["detail"]

@@ -75,41 +75,77 @@ def _hashes(phashes: str) -> np.ndarray:
     return np.array([int(h, 16) for h in phashes.split(",")], dtype=np.uint64)
 
 
+class _HashIndex:
+    """Kept clips' hashes and colours, to find the original a clip nearly duplicates."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.limit, self.colour_limit = cfg.filter.phash_distance, cfg.filter.colour_distance
+        self.hashes = np.zeros((0, 3), dtype=np.uint64)
+        self.colours = np.zeros((0, 3), dtype=np.float64)
+        self.ids: list[str] = []
+        self.uris: list[str] = []
+
+    def add(self, clip_id: str, uri: str, phashes: str, colour: np.ndarray) -> None:
+        self.hashes = np.vstack([self.hashes, _hashes(phashes)])
+        self.colours = np.vstack([self.colours, colour])
+        self.ids.append(clip_id)
+        self.uris.append(uri)
+
+    def original_of(self, phashes: str, colour: np.ndarray) -> str | None:
+        """A description of the kept clip this one nearly duplicates, or None."""
+        if not self.ids:
+            return None
+        bits = np.bitwise_count(self.hashes ^ _hashes(phashes)).max(axis=1)
+        gap = np.linalg.norm(self.colours - colour, axis=1)
+        matches = np.flatnonzero((bits <= self.limit) & (gap <= self.colour_limit))
+        if not matches.size:
+            return None
+        k = int(matches[0])
+        return (f"near duplicate of {self.ids[k]} from {self.uris[k]} (phash distance "
+                f"{int(bits[k])}, colour distance {gap[k]:.1f})")
+
+
+def _colour(row: Any) -> np.ndarray:
+    return np.array([row.mean_r, row.mean_g, row.mean_b], dtype=np.float64)
+
+
 def dedup(clips: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Drop near duplicates: clips whose perceptual hashes (at 25/50/75 % of the clip) are all
     within `phash_distance` bits and whose mean colours are within `colour_distance` of a clip
     already kept. Better clips are visited first, so they are the ones kept."""
+    index = _HashIndex(cfg)
     if clips.empty:
         return clips, []
     order = clips.assign(_area=clips.source_width * clips.source_height).sort_values(
         ["_area", "sharpness", "clip_id"], ascending=[False, False, True]).drop(columns="_area")
     kept_rows: list[int] = []
-    kept_hashes = np.zeros((0, 3), dtype=np.uint64)
-    kept_colours = np.zeros((0, 3), dtype=np.float64)
     rejected: list[dict[str, Any]] = []
-    limit, colour_limit = cfg.filter.phash_distance, cfg.filter.colour_distance
     for position, row in enumerate(order.itertuples(index=False)):
-        hashes = _hashes(row.phashes)
-        colour = np.array([row.mean_r, row.mean_g, row.mean_b])
-        if len(kept_rows):
-            bits = np.bitwise_count(kept_hashes ^ hashes).max(axis=1)
-            colour_gap = np.linalg.norm(kept_colours - colour, axis=1)
-            matches = np.flatnonzero((bits <= limit) & (colour_gap <= colour_limit))
-            if matches.size:
-                original = order.iloc[kept_rows[matches[0]]]
-                rejected.append({
-                    "id": row.clip_id, "source_uri": row.source_uri,
-                    "source_sha256": row.source_sha256, "reason": Reason.NEAR_DUPLICATE.value,
-                    "detail": (f"near duplicate of {original.clip_id} from "
-                               f"{original.source_uri} (phash distance "
-                               f"{int(bits[matches[0]])}, colour distance "
-                               f"{colour_gap[matches[0]]:.1f})"),
-                })
-                continue
+        original = index.original_of(row.phashes, _colour(row))
+        if original is not None:
+            rejected.append({"id": row.clip_id, "source_uri": row.source_uri,
+                             "source_sha256": row.source_sha256,
+                             "reason": Reason.NEAR_DUPLICATE.value, "detail": original})
+            continue
         kept_rows.append(position)
-        kept_hashes = np.vstack([kept_hashes, hashes])
-        kept_colours = np.vstack([kept_colours, colour])
+        index.add(row.clip_id, row.source_uri, row.phashes, _colour(row))
     return order.iloc[kept_rows].sort_values("clip_id").reset_index(drop=True), rejected
+
+
+def relabel_copies(rejected: list[dict[str, Any]], scored: dict[str, tuple[str, np.ndarray]],
+                   kept: pd.DataFrame, cfg: Config) -> None:
+    """A blurry or static clip that nearly duplicates a kept clip is first of all a copy (a
+    re-encode at low quality is both): it is rejected as near_duplicate, naming the
+    original, with the quality verdict kept in the detail."""
+    index = _HashIndex(cfg)
+    for row in kept.itertuples(index=False):
+        index.add(row.clip_id, row.source_uri, row.phashes, _colour(row))
+    for row in rejected:
+        if row["reason"] in (Reason.BLURRY.value, Reason.STATIC.value) and row["id"] in scored:
+            original = index.original_of(*scored[row["id"]])
+            if original is not None:
+                row["detail"] = f"{original}; also {row['reason']}: {row['detail']}"
+                row["reason"] = Reason.NEAR_DUPLICATE.value
 
 
 def _analyse_all(ctx: StageContext, jobs: list[tuple[str, Path]]
@@ -165,6 +201,7 @@ def filter_body(ctx: StageContext, shard: set[str] | None = None) -> StageOutcom
                                      for row in analysed])
 
     candidates = []
+    scored: dict[str, tuple[str, np.ndarray]] = {}  # rejected clips' hashes, for relabelling
     cut_points: dict[str, list[int]] = {}
     for row, result in zip(analysed, results, strict=True):
         source = {"source_sha256": row.source_sha256, "source_uri": row.source_uri}
@@ -183,6 +220,8 @@ def filter_body(ctx: StageContext, shard: set[str] | None = None) -> StageOutcom
             if clip.reason is not None:
                 rejected.append({"id": cid, **source, "reason": clip.reason,
                                  "detail": f"clip {clip.start_frame}-{clip.end_frame}: {scores}"})
+                if clip.phashes:
+                    scored[cid] = (",".join(clip.phashes), np.array(clip.mean_rgb, dtype=float))
                 continue
             relpath = f"{CLIPS}/{cid}.mp4"
             Path(clip.path).rename(ctx.out_dir / relpath)
@@ -207,6 +246,7 @@ def filter_body(ctx: StageContext, shard: set[str] | None = None) -> StageOutcom
         kept, duplicates = dedup(pd.DataFrame(candidates, columns=FILTER_COLUMNS), ctx.cfg)
     for dup in duplicates:
         (ctx.out_dir / CLIPS / f"{dup['id']}.mp4").unlink()
+    relabel_copies(rejected, scored, kept, ctx.cfg)
     rejected.extend(duplicates)
 
     listing = json.dumps(sorted(sources.source_sha256.tolist()))
