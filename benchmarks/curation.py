@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     corpus = ensure_corpus(args.dir, args.videos, args.seconds, args.width, args.height,
                            args.workers)
+    load_before = os.getloadavg()[0]
     paths = [p for p, _ in corpus]
     scratch = args.dir / "out"
 
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ncorpus: {len(paths)} videos x {args.seconds:g} s at {args.width}x{args.height}, "
           f"{FPS} fps, {frames} frames; {os.cpu_count()} CPUs; settings: "
           f"{', '.join(f'{k}={v}' for k, v in dataclasses.asdict(settings).items())}")
+    print(f"1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+          f"(other processes' load makes every number noisier, the 2-worker wall time most)")
     print(f"(b) {len(clips)} clips, {kept} kept and written; cuts: "
           f"{_cut_accuracy([list(r.cuts) for r in results], truth)}")
     if "c" in rows:
