@@ -135,18 +135,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         return EXIT_OK
 
     workdir = Workdir.at(args.workdir)
-    if args.command == "ingest":
-        from vidops.stages.ingest import run_ingest
-
-        info = run_ingest(args.sources, args.out or workdir.stage_dir("ingest"), cfg=cfg,
-                          workdir=workdir, quiet=args.quiet)
-        print(json.dumps({"out_dir": info["output"]["dir"], "counts": info["counts"],
-                          "validation": (info.get("validation") or {}).get("success"),
-                          "dvc_md5": info["dvc"]["md5"],
-                          "mlflow_run_id": info["mlflow"]["run_id"]}, indent=2))
-        return EXIT_OK
-
-    if args.command in ("filter", "annotate", "merge"):
+    if args.command in ("ingest", "filter", "annotate", "merge"):
         return _run_data_stage(args, cfg, workdir)
 
     if args.command == "run":
@@ -164,7 +153,13 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _run_data_stage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
-    if args.command == "filter":
+    """One data stage under the stage contract; prints what a script needs from stage.json."""
+    if args.command == "ingest":
+        from vidops.stages.ingest import run_ingest
+
+        info = run_ingest(args.sources, args.out or workdir.stage_dir("ingest"), cfg=cfg,
+                          workdir=workdir, quiet=args.quiet)
+    elif args.command == "filter":
         from vidops.data.shards import read_shard
         from vidops.stages.filter import run_filter
 

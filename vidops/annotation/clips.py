@@ -7,8 +7,6 @@ module would also pull in pandas and MLflow.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ import cv2
 import numpy as np
 
 from vidops.media import colours, faces
+from vidops.media.files import link_or_copy
 from vidops.media.video import write_video
 
 KEYFRAME_ANNOTATOR = "vidops-keyframe 1"
@@ -70,15 +69,6 @@ class ClipResult:
 def sample_indices(frame_count: int, samples: int = SAMPLES) -> list[int]:
     """Evenly spaced inner frames; for 3 samples the middle one is frame_count // 2."""
     return sorted({frame_count * (k + 1) // (samples + 1) for k in range(samples)})
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link src to dst (no bytes copied, same content); copy across filesystems."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _decoded(path: Path, threads: int) -> Iterator[av.VideoFrame]:

@@ -11,7 +11,6 @@ of a full decode.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +148,3 @@ def copy_hash_probe(
         result, error = None, str(exc).replace(str(dest), uri)
     return {"sha256": digest.hexdigest(), "size": size, "probe": result, "error": error}
 
-
-def move(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(src), str(dst))

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from vidops.config import Config
 from vidops.data.manifest import Reason, rejected_frame
 from vidops.data.sources import Discovery, SourceItem, discover
-from vidops.media.probe import copy_hash_probe, move
+from vidops.media.files import move
+from vidops.media.probe import copy_hash_probe
 from vidops.stage import StageContext, StageOutcome, run_stage
 from vidops.tracking.workdir import Workdir
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +16,13 @@ import pandas as pd
 
 from vidops.config import Config
 from vidops.data.manifest import rejected_frame
+from vidops.media.files import link_or_copy
 from vidops.stage import StageContext, StageOutcome, run_stage
 from vidops.stages.filter import dedup
 from vidops.tracking.workdir import Workdir
 
 STAGE = "curated"
 MEDIA_COLUMNS = ("path", "keyframe")
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link when on one filesystem (free), copy otherwise."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def merge_body(ctx: StageContext, in_dirs: list[Path]) -> StageOutcome:
