@@ -41,8 +41,10 @@ import cv2
 import numpy as np
 from skimage import data as skdata
 
-from vidops.media.analysis import DEFAULT_SETTINGS, AnalysisSettings, analyse_video
+from vidops.config import load_config
+from vidops.media.analysis import AnalysisSettings, analyse_video
 from vidops.media.video import write_video
+from vidops.stages.filter import analysis_settings
 
 FPS = 24
 GENERATOR_VERSION = 1
@@ -261,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="override an AnalysisSettings field, e.g. --set out_fps=12")
     args = parser.parse_args(argv)
 
-    settings = DEFAULT_SETTINGS
+    settings = analysis_settings(load_config())  # the filter's defaults, from params.yaml
     for item in args.set:
         key, _, value = item.partition("=")
-        kind = type(getattr(DEFAULT_SETTINGS, key))
+        kind = type(getattr(settings, key))
         settings = dataclasses.replace(settings, **{key: kind(value)})
 
     corpus = ensure_corpus(args.dir, args.videos, args.seconds, args.width, args.height,

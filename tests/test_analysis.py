@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
+from vidops.config import load_config
 from vidops.data.samples import write_samples
 from vidops.media.analysis import (
-    DEFAULT_SETTINGS,
     AnalysisError,
     AnalysisSettings,
     ClipResult,
@@ -34,8 +34,9 @@ from vidops.media.analysis import (
     sharpness_score,
 )
 from vidops.media.video import read_frames, write_video
+from vidops.stages.filter import analysis_settings
 
-SETTINGS = DEFAULT_SETTINGS
+SETTINGS = analysis_settings(load_config())  # the defaults of params.yaml
 CUT_TOLERANCE = 3  # frames
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov")
 
@@ -414,9 +415,9 @@ def test_sharpness_and_motion_scores() -> None:
 
 def test_settings_are_validated() -> None:
     with pytest.raises(ValueError):
-        AnalysisSettings(sample_fps=0)
+        dataclasses.replace(SETTINGS, sample_fps=0)
     with pytest.raises(ValueError):
-        AnalysisSettings(analysis_short_side=4)
+        dataclasses.replace(SETTINGS, analysis_short_side=4)
     assert Fraction(SETTINGS.out_fps) == 24
 
 

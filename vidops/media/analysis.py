@@ -68,7 +68,6 @@ except ImportError:  # pragma: no cover - 0.6.x: frame numbers
     _TIMECODES = False
 
 __all__ = [
-    "DEFAULT_SETTINGS",
     "AnalysisError",
     "AnalysisSettings",
     "ClipResult",
@@ -101,40 +100,41 @@ class AnalysisError(Exception):
 class AnalysisSettings:
     """How `analyse_video` measures, splits, decides and writes.
 
-    The defaults are calibrated on the sample corpora (`vidops samples`, seeds 0 and 1) and the
-    cases in tests/test_analysis.py; see the comments for what each threshold separates.
+    Values come from the `filter` section of the configuration (params.yaml holds the defaults,
+    calibrated on the sample corpora, seeds 0 and 1, and the cases in tests/test_analysis.py;
+    see `vidops.stages.filter.analysis_settings`). The comments say what each separates.
     """
 
     # Metrics are computed on frames scaled so that their short side is this many pixels, so
     # scores mean the same for a 360p and a 1080p source. 64 px still resolves a small shape
     # and blur, and keeps Farneback (the costliest metric) cheap.
-    analysis_short_side: int = 64
+    analysis_short_side: int
     # Frames per second sampled for sharpness and motion: two samples even in a 1 s clip.
-    sample_fps: float = 2.0
+    sample_fps: float
     # ContentDetector threshold (mean HSV difference of consecutive frames, 0-255). Inside the
     # fastest pans and zooms of the sample and benchmark corpora frames score up to 23 (27,
     # the library's default, leaves little room); hard cuts between photographs 44 and more.
-    scene_threshold: float = 30.0
+    scene_threshold: float
     # Minimum scene length for the detector: a second cut within this time is suppressed.
-    min_scene_s: float = 0.5
+    min_scene_s: float
     # Pieces shorter than this are dropped as too_short.
-    min_clip_s: float = 1.0
+    min_clip_s: float
     # Longer scenes are split into pieces of at most this.
-    max_clip_s: float = 10.0
+    max_clip_s: float
     # Sharpness (fine/coarse detail ratio, see sharpness_score) below this: blurry. A photo
     # blurred with sigma 6 at 192 px scores 0.17-0.26; plain sharp content (a zoom into a
     # colour wheel) 0.56; sharp photos and shapes 0.95-3.
-    blurry_threshold: float = 0.4
+    blurry_threshold: float
     # Motion (analysis-scale pixels per second, see motion_score) below this: static. A still
     # photo encoded as video scores 0.02, a slow 15 % zoom over 4 s 1.1, a small shape
     # drifting across a black frame 2 and more.
-    static_threshold: float = 0.25
+    static_threshold: float
     # Normalised output: frame rate (source frames picked by timestamp), short side (never
     # upscaled; both sides even), x264 quality and speed.
-    out_fps: float = 24.0
-    out_short_side: int = 128
-    crf: int = 23
-    preset: str = "ultrafast"
+    out_fps: float
+    out_short_side: int
+    crf: int
+    preset: str
 
     def __post_init__(self) -> None:
         if self.analysis_short_side < 8:
@@ -148,7 +148,6 @@ class AnalysisSettings:
             raise ValueError("min_clip_s and min_scene_s must not be negative")
 
 
-DEFAULT_SETTINGS = AnalysisSettings()
 
 
 @dataclass(frozen=True)
@@ -595,7 +594,7 @@ class _Pass:
 
 
 def analyse_video(
-    path: Path, out_dir: Path, name: str, settings: AnalysisSettings = DEFAULT_SETTINGS
+    path: Path, out_dir: Path, name: str, settings: AnalysisSettings
 ) -> VideoAnalysis:
     """Analyse one video in a single decode pass and write its kept clips.
 
