@@ -20,6 +20,7 @@ An output directory without a complete stage.json is never trusted (`load_output
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -115,6 +116,12 @@ class StageOutcome:
 
 
 StageBody = Callable[[StageContext], StageOutcome]
+
+
+def digest_of(value: Any) -> str:
+    """A stable digest of JSON-able data: what a stage records as its input's identity."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def load_output(directory: Path) -> tuple[pd.DataFrame, dict[str, Any]]:

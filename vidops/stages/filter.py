@@ -13,8 +13,6 @@ Accounting is per source video: each is the source of kept clips, or of rejected
 
 from __future__ import annotations
 
-import hashlib
-import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +27,7 @@ from vidops.config import Config
 from vidops.data.manifest import FILTER_COLUMNS, Reason, rejected_frame
 from vidops.data.shards import read_shard
 from vidops.media.analysis import AnalysisError, AnalysisSettings, VideoAnalysis, analyse_video
-from vidops.stage import StageContext, StageOutcome, run_stage
+from vidops.stage import StageContext, StageOutcome, digest_of, run_stage
 from vidops.tracking.workdir import Workdir
 
 STAGE = "filter"
@@ -249,12 +247,11 @@ def filter_body(ctx: StageContext, shard: set[str] | None = None) -> StageOutcom
     relabel_copies(rejected, scored, kept, ctx.cfg)
     rejected.extend(duplicates)
 
-    listing = json.dumps(sorted(sources.source_sha256.tolist()))
     return StageOutcome(
         input_count=len(sources),
         kept=kept[FILTER_COLUMNS],
         rejected=rejected_frame(sorted(rejected, key=lambda r: (r["source_uri"], r["id"]))),
-        input_digest="sha256:" + hashlib.sha256(listing.encode()).hexdigest(),
+        input_digest=digest_of(sorted(sources.source_sha256.tolist())),
         input_ids=sources.source_sha256.tolist(),
         unit="source_sha256",
         extra={"scene_cuts": cut_points},

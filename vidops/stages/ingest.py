@@ -11,7 +11,6 @@ letters or clashes cannot matter downstream; the original name stays in the mani
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -26,7 +25,7 @@ from vidops.data.manifest import Reason, rejected_frame
 from vidops.data.sources import Discovery, SourceItem, discover
 from vidops.media.files import move
 from vidops.media.probe import copy_hash_probe
-from vidops.stage import StageContext, StageOutcome, run_stage
+from vidops.stage import StageContext, StageOutcome, digest_of, run_stage
 from vidops.tracking.workdir import Workdir
 
 STAGE = "ingest"
@@ -125,13 +124,12 @@ def ingest_body(ctx: StageContext, discovery: Discovery) -> StageOutcome:
     kept_frame = kept_frame.sort_values(["source", "source_name"], kind="stable")
     for column in ("caption", "license", "source_uri", "source_name", "source", "path"):
         kept_frame[column] = kept_frame[column].astype("string")
-    listing = json.dumps([[item.uri, r.get("sha256")] for item, r in zip(items, results,
-                                                                        strict=True)])
     return StageOutcome(
         input_count=len(items),
         kept=kept_frame,
         rejected=rejected_frame(rejected),
-        input_digest="sha256:" + hashlib.sha256(listing.encode("utf-8")).hexdigest(),
+        input_digest=digest_of([[item.uri, r.get("sha256")]
+                                for item, r in zip(items, results, strict=True)]),
         extra={"sources": discovery.sources,
                "ignored_files": {"count": len(discovery.ignored),
                                  "paths": discovery.ignored[:1000]}},

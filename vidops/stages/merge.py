@@ -7,8 +7,6 @@ copied. The result is validated with the `curated` suite: the dataset training r
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import pandas as pd
 from vidops.config import Config
 from vidops.data.manifest import rejected_frame
 from vidops.media.files import link_or_copy
-from vidops.stage import StageContext, StageOutcome, run_stage
+from vidops.stage import StageContext, StageOutcome, digest_of, run_stage
 from vidops.stages.filter import dedup
 from vidops.tracking.workdir import Workdir
 
@@ -43,12 +41,11 @@ def merge_body(ctx: StageContext, in_dirs: list[Path]) -> StageOutcome:
                 relpath = getattr(row, column, None)
                 if isinstance(relpath, str) and relpath:
                     link_or_copy(Path(row.shard_dir) / relpath, ctx.out_dir / relpath)
-    listing = json.dumps(sorted(digests))
     return StageOutcome(
         input_count=len(merged),
         kept=kept.drop(columns="shard_dir"),
         rejected=rejected_frame(duplicates),
-        input_digest="sha256:" + hashlib.sha256(listing.encode()).hexdigest(),
+        input_digest=digest_of(sorted(digests)),
         extra={"shards": [str(p) for p in in_dirs]},
     )
 
