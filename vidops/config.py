@@ -114,6 +114,48 @@ class ImagesConfig(_Strict):
     gpu: str
 
 
+class VaeBootstrapConfig(_Strict):
+    size: Literal["tiny", "small"]
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    kl_weight: float = Field(ge=0)
+    holdout_clips: int = Field(ge=1)
+
+
+class VaeConfig(_Strict):
+    path: str | None
+    bootstrap: VaeBootstrapConfig
+
+
+class TextEncoderConfig(_Strict):
+    path: str | None
+    max_length: int = Field(ge=1)
+
+
+class TransformerConfig(_Strict):
+    arch: Literal["latte", "cogvideox"]
+    size: Literal["tiny", "S", "B", "L", "XL"]
+    path: str | None
+
+
+class ModelsConfig(_Strict):
+    vae: VaeConfig
+    text_encoder: TextEncoderConfig
+    transformer: TransformerConfig
+
+
+class EncodeConfig(_Strict):
+    frames: int = Field(ge=1)
+    stride: int = Field(ge=1)
+    height: int = Field(ge=8)
+    width: int = Field(ge=8)
+    batch_size: int = Field(ge=1)
+    sample_latents: bool
+    shard_clips: int = Field(ge=1)
+    device: str
+
+
 class Config(_Strict):
     seed: int
     tracking: TrackingConfig
@@ -124,6 +166,8 @@ class Config(_Strict):
     annotate: AnnotateConfig
     privacy: PrivacyConfig
     curation: CurationConfig
+    models: ModelsConfig
+    encode: EncodeConfig
     pipeline: PipelineConfig
     images: ImagesConfig
 
