@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from vidops.media.analysis import (
     phash,
     phash_distance,
     sharpness_score,
+    thumbnail_distance,
 )
 from vidops.media.video import read_frames, write_video
 from vidops.stages.filter import analysis_settings
@@ -230,27 +230,32 @@ def test_defects_get_their_reason(corpora: dict[str, Path], tmp_path: Path,
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_near_duplicate_hashes_close_and_colours_tell_shapes_apart(
+def test_near_duplicates_match_and_distinct_shape_clips_do_not(
         corpora: dict[str, Path], tmp_path: Path, seed: int) -> None:
+    limits = load_config().filter
     defects = corpora[f"defects{seed}"]
     good, near = (_analyse(defects / n, tmp_path).clips[0]
                   for n in ("good_b.mp4", "near_duplicate.mp4"))
-    assert max(phash_distance(a, b) for a, b in zip(good.phashes, near.phashes,
-                                                    strict=True)) <= 10
-    assert math.dist(good.mean_rgb, near.mean_rgb) < 3
-    # Grey hashes cannot tell a red shape from a green one; the mean colour can.
-    shapes = _videos(corpora[f"shapes{seed}"])
-    by_colour: dict[str, ClipResult] = {}
-    for video in shapes:
-        colour = video.stem.split("_")[2]
-        if colour not in by_colour:
-            by_colour[colour] = _analyse(video, tmp_path).clips[0]
+
+    def distances(a: ClipResult, b: ClipResult) -> tuple[int, float]:
+        return (max(phash_distance(x, y) for x, y in zip(a.phashes, b.phashes, strict=True)),
+                max(thumbnail_distance(x, y)
+                    for x, y in zip(a.thumbnails, b.thumbnails, strict=True)))
+
+    bits, gap = distances(good, near)
+    assert bits <= limits.phash_distance and gap <= limits.thumbnail_distance
+    # A small shape on black: the grey hashes of distinct clips come close, the colour
+    # thumbnails keep every pair of the corpus apart (and the mean colour tells colours).
+    clips = {v.stem: _analyse(v, tmp_path).clips[0] for v in _videos(corpora[f"shapes{seed}"])}
+    for (name_a, a), (name_b, b) in itertools.combinations(clips.items(), 2):
+        bits, gap = distances(a, b)
+        assert bits > limits.phash_distance or gap > 1.5 * limits.thumbnail_distance, (
+            name_a, name_b, bits, gap)
     channel = {"red": 0, "green": 1, "blue": 2}
-    for colour, index in channel.items():
-        rgb = by_colour[colour].mean_rgb
-        assert int(np.argmax(rgb)) == index, (colour, rgb)
-    for a, b in (("red", "green"), ("green", "blue"), ("blue", "red"), ("yellow", "blue")):
-        assert math.dist(by_colour[a].mean_rgb, by_colour[b].mean_rgb) > 3, (a, b)
+    for name, clip in clips.items():
+        colour = name.split("_")[2]
+        if colour in channel:
+            assert int(np.argmax(clip.mean_rgb)) == channel[colour], (name, clip.mean_rgb)
 
 
 # ------------------------------------------------------------------------------------------
@@ -354,7 +359,8 @@ def test_reencode_smaller_and_worse_keeps_the_hashes(tmp_path: Path) -> None:
     a = _analyse(_write(tmp_path / "a.mp4", original), tmp_path / "out").clips[0]
     b = _analyse(_write(tmp_path / "b.mp4", worse, crf=38), tmp_path / "out").clips[0]
     assert all(phash_distance(x, y) <= 6 for x, y in zip(a.phashes, b.phashes, strict=True))
-    assert math.dist(a.mean_rgb, b.mean_rgb) < 3
+    assert max(thumbnail_distance(x, y) for x, y in zip(a.thumbnails, b.thumbnails,
+                                                        strict=True)) < 0.06
     c = _analyse(_write(tmp_path / "c.mp4", _pan(_photo("coffee"), 48, 0.4, 256, 192)),
                  tmp_path / "out").clips[0]
     assert phash_distance(a.phash, c.phash) > 16

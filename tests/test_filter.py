@@ -103,11 +103,20 @@ def test_accounting_and_validation(defects_filtered) -> None:
     assert rejected_files == {Path(p).name for p in manifest.path}, "no files of rejected clips"
 
 
+def _thumbnail(yuv: tuple[int, int, int]) -> str:
+    """A thumbnail (16x16 luma, 8x8 chroma) of a square of colour `yuv` on black."""
+    luma = np.full((16, 16), 16, np.uint8)
+    luma[4:10, 4:10] = yuv[0]
+    u, v = (np.full((8, 8), 128, np.uint8) for _ in range(2))
+    u[2:5, 2:5], v[2:5, 2:5] = yuv[1], yuv[2]
+    return (luma.tobytes() + u.tobytes() + v.tobytes()).hex()
+
+
 def _clip(clip_id: str, hashes: list[int], colour: tuple, area: int, sharp: float) -> dict:
     row = dict.fromkeys(FILTER_COLUMNS)
     row.update(clip_id=clip_id, source_uri=f"/{clip_id}.mp4", source_sha256=clip_id * 4,
                phashes=",".join(f"{h:016x}" for h in hashes), phash=f"{hashes[1]:016x}",
-               mean_r=colour[0], mean_g=colour[1], mean_b=colour[2], source_width=area,
+               thumbnails=",".join([_thumbnail(colour)] * 3), source_width=area,
                source_height=1, sharpness=sharp)
     return row
 
@@ -154,9 +163,9 @@ def test_a_blurry_copy_of_a_kept_clip_is_a_near_duplicate() -> None:
         {"id": "unrelated", "source_uri": "/x.mp4", "source_sha256": "d" * 64,
          "reason": "blurry", "detail": "sharpness 0.1"},
     ]
-    scored = {"copy": (",".join(f"{h ^ 1:016x}" for h in base), np.array([99.0, 51, 50])),
-              "unrelated": (",".join(f"{~h & (2**64 - 1):016x}" for h in base),
-                            np.array([99.0, 51, 50]))}
+    thumbnails = ",".join([_thumbnail((99, 51, 50))] * 3)
+    scored = {"copy": (",".join(f"{h ^ 1:016x}" for h in base), thumbnails),
+              "unrelated": (",".join(f"{~h & (2**64 - 1):016x}" for h in base), thumbnails)}
     relabel_copies(rejected, scored, kept, cfg)
     assert [r["reason"] for r in rejected] == ["near_duplicate", "blurry"]
     assert "near duplicate of original" in rejected[0]["detail"]

@@ -84,7 +84,7 @@ class FilterConfig(_Strict):
     blurry_threshold: float = Field(ge=0)
     static_threshold: float = Field(ge=0)
     phash_distance: int = Field(ge=0, le=64)
-    colour_distance: float = Field(ge=0)
+    thumbnail_distance: float = Field(ge=0)
     normalise: NormaliseConfig
     workers: int = Field(ge=0)
 

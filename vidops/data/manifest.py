@@ -52,6 +52,7 @@ FILTER_COLUMNS = [
     "width", "height", "fps", "frames",  # of the normalised clip
     "sharpness", "motion", "frame_diff",
     "phash", "phashes",  # 16 hex chars; phashes: three hashes joined by ","
+    "thumbnails",  # three colour thumbnails (384 bytes in hex each) joined by ","
     "mean_r", "mean_g", "mean_b",
     "path",  # the normalised clip, relative to the stage output (clips/<clip_id>.mp4)
 ]

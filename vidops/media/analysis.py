@@ -41,6 +41,7 @@ sides even, no audio.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import os
 import sys
@@ -77,6 +78,8 @@ __all__ = [
     "phash",
     "phash_distance",
     "sharpness_score",
+    "thumbnail",
+    "thumbnail_distance",
 ]
 
 # Farneback parameters for the half-analysis-scale frames the flow runs on (short side 32 px by
@@ -166,6 +169,7 @@ class ClipResult:
     phash: str  # 64-bit DCT perceptual hash of the middle frame, 16 lowercase hex digits
     phashes: tuple[str, ...]  # hashes at 25 / 50 / 75 % of the clip
     mean_rgb: tuple[float, float, float]  # mean colour of the sampled frames (0-255)
+    thumbnails: tuple[str, ...]  # colour thumbnails at 25 / 50 / 75 % (`thumbnail`, hex)
     reason: str | None  # None: kept; else "too_short" | "blurry" | "static"
     path: Path | None  # the normalised clip, when kept
     width: int  # normalised clip size, fps and frame count (0 when not written)
@@ -203,6 +207,44 @@ def phash(gray: np.ndarray) -> str:
     small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
     low = cv2.dct(small)[:8, :8]
     return np.packbits(low > np.median(low)).tobytes().hex()
+
+
+# Thumbnail planes: luma 16x16, chroma 8x8 each (4:2:0, like the frames they come from).
+_THUMB_LUMA, _THUMB_CHROMA = 16, 8
+
+
+def thumbnail(frame: av.VideoFrame) -> str:
+    """A colour thumbnail of a yuv420p frame: its Y, U and V planes area-averaged to 16x16,
+    8x8 and 8x8, as 384 bytes in hex. It complements the grey, frame-global pHash where that
+    is weak: on a dark frame with one small object the hash is nearly all background, while
+    the thumbnail keeps where the object is and what colour it has."""
+    y, u, v = _planes(frame)
+    return b"".join(
+        cv2.resize(plane, (side, side), interpolation=cv2.INTER_AREA).tobytes()
+        for plane, side in ((y, _THUMB_LUMA), (u, _THUMB_CHROMA), (v, _THUMB_CHROMA))
+    ).hex()
+
+
+def _thumbnail_planes(hexed: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(hexed), np.uint8).astype(np.float32)
+
+
+def thumbnail_distance(a: str, b: str) -> float:
+    """How different two thumbnails are, relative to how much they show: the summed absolute
+    difference over the summed deviation of each from its own median (per plane), plus a
+    floor of 2 grey levels per value so that two flat frames compare by their levels alone.
+
+    Scale-free, so one threshold serves a busy photograph and a small shape on black: a
+    re-encode (smaller, blockier, in another container) scores about 0.02-0.1; the same shape
+    shifted by a tenth of the frame, or another photograph, 0.3 and more."""
+    x, y = _thumbnail_planes(a), _thumbnail_planes(b)
+    luma = _THUMB_LUMA * _THUMB_LUMA
+    bounds = (0, luma, luma + _THUMB_CHROMA**2, x.size)
+    energy = 2.0 * x.size
+    for lo, hi in itertools.pairwise(bounds):
+        for t in (x, y):
+            energy += float(np.abs(t[lo:hi] - np.median(t[lo:hi])).sum())
+    return float(np.abs(x - y).sum()) / energy
 
 
 def _sharpness(gray: np.ndarray) -> tuple[float, np.ndarray]:
@@ -531,7 +573,9 @@ class _Pass:
         frame_diff = float(np.mean(diffs)) if diffs else 0.0
         r, g, b = np.mean([x.rgb for x in inside], axis=0) if inside else (0.0, 0.0, 0.0)
         n = len(frames)
-        hashes = tuple(phash(_planes(frames[(n * k) // 4][2])[0]) for k in (1, 2, 3))
+        marks = [frames[(n * k) // 4][2] for k in (1, 2, 3)]
+        hashes = tuple(phash(_planes(frame)[0]) for frame in marks)
+        thumbs = tuple(thumbnail(frame) for frame in marks)
         out_frames = sum(f[3] for f in frames)
 
         reason: str | None = None
@@ -550,7 +594,7 @@ class _Pass:
             clip_index=index, scene_index=self.scene_index, start_frame=start, end_frame=end,
             start_s=round(start_t, 6), end_s=round(end_t, 6), sharpness=sharpness,
             motion=motion, frame_diff=frame_diff, phash=hashes[1], phashes=hashes,
-            mean_rgb=(float(r), float(g), float(b)), reason=reason, path=path,
+            mean_rgb=(float(r), float(g), float(b)), thumbnails=thumbs, reason=reason, path=path,
             width=self.out_w if path else 0, height=self.out_h if path else 0,
             fps=float(s.out_fps) if path else 0.0, frames=out_frames if path else 0,
         ))

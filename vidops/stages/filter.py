@@ -26,7 +26,13 @@ from tqdm import tqdm
 from vidops.config import Config
 from vidops.data.manifest import FILTER_COLUMNS, Reason, rejected_frame
 from vidops.data.shards import read_shard
-from vidops.media.analysis import AnalysisError, AnalysisSettings, VideoAnalysis, analyse_video
+from vidops.media.analysis import (
+    AnalysisError,
+    AnalysisSettings,
+    VideoAnalysis,
+    analyse_video,
+    thumbnail_distance,
+)
 from vidops.stage import StageContext, StageOutcome, digest_of, run_stage
 from vidops.tracking.workdir import Workdir
 
@@ -74,43 +80,41 @@ def _hashes(phashes: str) -> np.ndarray:
 
 
 class _HashIndex:
-    """Kept clips' hashes and colours, to find the original a clip nearly duplicates."""
+    """Kept clips' hashes and thumbnails, to find the original a clip nearly duplicates."""
 
     def __init__(self, cfg: Config) -> None:
-        self.limit, self.colour_limit = cfg.filter.phash_distance, cfg.filter.colour_distance
+        self.limit, self.thumb_limit = cfg.filter.phash_distance, cfg.filter.thumbnail_distance
         self.hashes = np.zeros((0, 3), dtype=np.uint64)
-        self.colours = np.zeros((0, 3), dtype=np.float64)
+        self.thumbs: list[list[str]] = []
         self.ids: list[str] = []
         self.uris: list[str] = []
 
-    def add(self, clip_id: str, uri: str, phashes: str, colour: np.ndarray) -> None:
+    def add(self, clip_id: str, uri: str, phashes: str, thumbnails: str) -> None:
         self.hashes = np.vstack([self.hashes, _hashes(phashes)])
-        self.colours = np.vstack([self.colours, colour])
+        self.thumbs.append(thumbnails.split(","))
         self.ids.append(clip_id)
         self.uris.append(uri)
 
-    def original_of(self, phashes: str, colour: np.ndarray) -> str | None:
-        """A description of the kept clip this one nearly duplicates, or None."""
+    def original_of(self, phashes: str, thumbnails: str) -> str | None:
+        """A description of the kept clip this one nearly duplicates, or None. The hashes
+        (vectorised over every kept clip) pick the candidates; the thumbnails confirm."""
         if not self.ids:
             return None
         bits = np.bitwise_count(self.hashes ^ _hashes(phashes)).max(axis=1)
-        gap = np.linalg.norm(self.colours - colour, axis=1)
-        matches = np.flatnonzero((bits <= self.limit) & (gap <= self.colour_limit))
-        if not matches.size:
-            return None
-        k = int(matches[0])
-        return (f"near duplicate of {self.ids[k]} from {self.uris[k]} (phash distance "
-                f"{int(bits[k])}, colour distance {gap[k]:.1f})")
-
-
-def _colour(row: Any) -> np.ndarray:
-    return np.array([row.mean_r, row.mean_g, row.mean_b], dtype=np.float64)
+        mine = thumbnails.split(",")
+        for k in np.flatnonzero(bits <= self.limit):
+            gap = max(thumbnail_distance(a, b)
+                      for a, b in zip(self.thumbs[k], mine, strict=True))
+            if gap <= self.thumb_limit:
+                return (f"near duplicate of {self.ids[k]} from {self.uris[k]} (phash distance "
+                        f"{int(bits[k])}, thumbnail distance {gap:.3f})")
+        return None
 
 
 def dedup(clips: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Drop near duplicates: clips whose perceptual hashes (at 25/50/75 % of the clip) are all
-    within `phash_distance` bits and whose mean colours are within `colour_distance` of a clip
-    already kept. Better clips are visited first, so they are the ones kept."""
+    within `phash_distance` bits and whose colour thumbnails are within `thumbnail_distance`
+    of a clip already kept. Better clips are visited first, so they are the ones kept."""
     index = _HashIndex(cfg)
     if clips.empty:
         return clips, []
@@ -119,25 +123,25 @@ def dedup(clips: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, list[dict[str
     kept_rows: list[int] = []
     rejected: list[dict[str, Any]] = []
     for position, row in enumerate(order.itertuples(index=False)):
-        original = index.original_of(row.phashes, _colour(row))
+        original = index.original_of(row.phashes, row.thumbnails)
         if original is not None:
             rejected.append({"id": row.clip_id, "source_uri": row.source_uri,
                              "source_sha256": row.source_sha256,
                              "reason": Reason.NEAR_DUPLICATE.value, "detail": original})
             continue
         kept_rows.append(position)
-        index.add(row.clip_id, row.source_uri, row.phashes, _colour(row))
+        index.add(row.clip_id, row.source_uri, row.phashes, row.thumbnails)
     return order.iloc[kept_rows].sort_values("clip_id").reset_index(drop=True), rejected
 
 
-def relabel_copies(rejected: list[dict[str, Any]], scored: dict[str, tuple[str, np.ndarray]],
+def relabel_copies(rejected: list[dict[str, Any]], scored: dict[str, tuple[str, str]],
                    kept: pd.DataFrame, cfg: Config) -> None:
     """A blurry or static clip that nearly duplicates a kept clip is first of all a copy (a
     re-encode at low quality is both): it is rejected as near_duplicate, naming the
     original, with the quality verdict kept in the detail."""
     index = _HashIndex(cfg)
     for row in kept.itertuples(index=False):
-        index.add(row.clip_id, row.source_uri, row.phashes, _colour(row))
+        index.add(row.clip_id, row.source_uri, row.phashes, row.thumbnails)
     for row in rejected:
         if row["reason"] in (Reason.BLURRY.value, Reason.STATIC.value) and row["id"] in scored:
             original = index.original_of(*scored[row["id"]])
@@ -199,7 +203,7 @@ def filter_body(ctx: StageContext, shard: set[str] | None = None) -> StageOutcom
                                      for row in analysed])
 
     candidates = []
-    scored: dict[str, tuple[str, np.ndarray]] = {}  # rejected clips' hashes, for relabelling
+    scored: dict[str, tuple[str, str]] = {}  # rejected clips' hashes, for relabelling
     cut_points: dict[str, list[int]] = {}
     for row, result in zip(analysed, results, strict=True):
         source = {"source_sha256": row.source_sha256, "source_uri": row.source_uri}
@@ -219,7 +223,7 @@ def filter_body(ctx: StageContext, shard: set[str] | None = None) -> StageOutcom
                 rejected.append({"id": cid, **source, "reason": clip.reason,
                                  "detail": f"clip {clip.start_frame}-{clip.end_frame}: {scores}"})
                 if clip.phashes:
-                    scored[cid] = (",".join(clip.phashes), np.array(clip.mean_rgb, dtype=float))
+                    scored[cid] = (",".join(clip.phashes), ",".join(clip.thumbnails))
                 continue
             relpath = f"{CLIPS}/{cid}.mp4"
             Path(clip.path).rename(ctx.out_dir / relpath)
@@ -236,6 +240,7 @@ def filter_body(ctx: StageContext, shard: set[str] | None = None) -> StageOutcom
                 "frames": clip.frames, "sharpness": round(clip.sharpness, 4),
                 "motion": round(clip.motion, 5), "frame_diff": round(clip.frame_diff, 4),
                 "phash": clip.phash, "phashes": ",".join(clip.phashes),
+                "thumbnails": ",".join(clip.thumbnails),
                 "mean_r": round(clip.mean_rgb[0], 3), "mean_g": round(clip.mean_rgb[1], 3),
                 "mean_b": round(clip.mean_rgb[2], 3), "path": relpath,
             })

@@ -1,0 +1,211 @@
+"""Tests for the model factory (vidops.models): tiny configurations only, CPU, offline."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLCogVideoX
+
+from vidops.config import Config, load_config
+from vidops.data.samples import write_samples
+from vidops.models import (
+    LATTE_SIZES,
+    TextEncoder,
+    build_cogvideox,
+    build_latte,
+    build_transformer,
+    check_cogvideox_train_frames,
+    check_vae_frames,
+    latent_frames,
+    latte_config,
+    latte_mask_bias,
+    load_or_bootstrap_vae,
+    load_vae,
+    psnr,
+    read_clip,
+    reconstruct,
+    spatial_ratio,
+    temporal_ratio,
+    vae_config,
+    vae_digest,
+)
+from vidops.models import vae as vae_module
+from vidops.models.vae import file_digest
+
+# Enough steps for the tiny VAE to draw the shapes instead of a black frame, which alone
+# scores ~16.5 dB on these clips; measured after them: BOOT_PSNR_MEASURED dB.
+BOOT_STEPS = 60
+PSNR_FLOOR = 20.0
+
+
+def _cfg(*overrides: str) -> Config:
+    return load_config("tiny", [f"models.vae.bootstrap.steps={BOOT_STEPS}",
+                                "models.vae.bootstrap.holdout_clips=1", *overrides])
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, str]]:
+    report = write_samples(tmp_path_factory.mktemp("shapes"), "shapes", count=5, seed=3)
+    return [(path, file_digest(path)) for path in report.files]
+
+
+@pytest.fixture(scope="module")
+def boot(shapes: list[tuple[Path, str]], tmp_path_factory: pytest.TempPathFactory):
+    cache = tmp_path_factory.mktemp("models")
+    return load_or_bootstrap_vae(shapes, _cfg(), cache), cache
+
+
+def test_frame_rules() -> None:
+    assert check_vae_frames(9) == 9 and check_vae_frames(1) == 1 and check_vae_frames(49) == 49
+    with pytest.raises(ValueError, match=r"4k\+1 frames .* got 8, nearest valid: 5 or 9"):
+        check_vae_frames(8)
+    with pytest.raises(ValueError, match="nearest valid: 1"):
+        check_vae_frames(0)
+    assert check_cogvideox_train_frames(9) == 9 and check_cogvideox_train_frames(49) == 49
+    with pytest.raises(ValueError, match=r"8N\+1 frames .* got 13, nearest valid: 9 or 17"):
+        check_cogvideox_train_frames(13)
+    with pytest.raises(ValueError, match="got 5, nearest valid: 9"):
+        check_cogvideox_train_frames(5)
+    assert [latent_frames(n, 4) for n in (1, 9, 17, 49)] == [1, 3, 5, 13]
+
+
+def test_latte_sizes_follow_the_paper() -> None:
+    paper = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+    for name, (layers, hidden, heads) in paper.items():
+        config = latte_config(name, in_channels=4, sample_size=32, num_frames=16, text_dim=4096)
+        assert (config["num_layers"], config["num_attention_heads"]) == (layers, heads)
+        assert config["num_attention_heads"] * config["attention_head_dim"] == hidden
+        assert config["cross_attention_dim"] == hidden and config["caption_channels"] == 4096
+        assert config["out_channels"] == 4 and config["norm_type"] == "ada_norm_single"
+    assert set(LATTE_SIZES) == {"tiny", *paper}
+    assert latte_config("S", in_channels=4, sample_size=32, num_frames=16, text_dim=8,
+                        learn_sigma=True)["out_channels"] == 8
+    with pytest.raises(ValueError, match="multiple of patch"):
+        latte_config("tiny", in_channels=4, sample_size=(15, 16), num_frames=3, text_dim=8)
+
+
+def test_tiny_latte_forward_and_text_mask() -> None:
+    torch.manual_seed(0)
+    model = build_latte("tiny", in_channels=4, sample_size=(16, 12), num_frames=3, text_dim=32)
+    latents, text = torch.randn(2, 4, 3, 16, 12), torch.randn(2, 8, 32)
+    mask = torch.tensor([[1] * 3 + [0] * 5, [1] * 8])
+    with torch.no_grad():
+        out = model(latents, timestep=torch.tensor([3, 900]), encoder_hidden_states=text,
+                    encoder_attention_mask=latte_mask_bias(mask, 3)).sample
+        text[0, 3:] += 5.0  # changes only padding tokens, which the mask hides
+        again = model(latents, timestep=torch.tensor([3, 900]), encoder_hidden_states=text,
+                      encoder_attention_mask=latte_mask_bias(mask, 3)).sample
+    assert out.shape == latents.shape
+    torch.testing.assert_close(out, again)
+
+
+def test_tiny_cogvideox_and_dispatch(cfg: Config) -> None:
+    torch.manual_seed(0)
+    model = build_cogvideox(in_channels=4, text_dim=32, text_len=8, latent_frames=3,
+                            latent_hw=(8, 8))
+    latents = torch.randn(2, 3, 4, 8, 8)  # CogVideoX takes [B, F, C, H, W]
+    with torch.no_grad():
+        out = model(latents, encoder_hidden_states=torch.randn(2, 8, 32),
+                    timestep=torch.tensor([1, 500])).sample
+    assert out.shape == latents.shape
+    shape = {"latent_channels": 4, "latent_frames": 3, "latent_hw": (8, 8), "text_dim": 32}
+    assert build_transformer(cfg, **shape).config.num_layers == LATTE_SIZES["tiny"].layers
+    cog = load_config("tiny", ["models.transformer.arch=cogvideox"])
+    assert build_transformer(cog, **shape).config.max_text_seq_length == 32
+    with pytest.raises(ValueError, match="needs pretrained weights"):
+        build_transformer(load_config("tiny", ["models.transformer.arch=cogvideox",
+                                               "models.transformer.size=S"]), **shape)
+
+
+def test_vae_sizes_and_ratios() -> None:
+    assert (spatial_ratio(vae_config("small")), temporal_ratio(vae_config("small"))) == (8, 4)
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(**vae_config("tiny"))
+    assert (spatial_ratio(vae), temporal_ratio(vae)) == (4, 4)
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, 9, 32, 32)).latent_dist.mode()
+        assert latents.shape == (1, vae.config.latent_channels, 3, 8, 8)
+        assert vae.decode(latents).sample.shape == (1, 3, 9, 32, 32)
+    with pytest.raises(ValueError, match="4k"):
+        reconstruct(vae, torch.zeros(1, 3, 8, 32, 32))
+    with pytest.raises(ValueError, match="unknown VAE size"):
+        vae_config("huge")
+
+
+def test_load_vae_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        load_vae(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="holds no VAE"):
+        load_vae(tmp_path)
+
+
+def test_minilm_encodes_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    encoder = TextEncoder(max_length=16)
+    prompts = ["a red circle moving left", "a yellow triangle moving down " * 6]
+    hidden, mask = encoder.encode(prompts)
+    assert hidden.shape == (2, 16, 384) and hidden.dtype == torch.float32 and encoder.dim == 384
+    counts = [len(encoder.tokenizer(p)["input_ids"]) for p in prompts]
+    assert mask.sum(dim=1).tolist() == [counts[0], 16] and counts[1] > 16
+    assert torch.isfinite(hidden).all()
+    again = TextEncoder(max_length=16)
+    assert again.identity == encoder.identity and encoder.identity.startswith("all-MiniLM")
+    torch.testing.assert_close(again.encode(prompts[:1])[0], hidden[:1])
+
+
+def test_vae_bootstrap_learns_and_saves(boot) -> None:
+    result, cache = boot
+    assert not result.reused and result.path == cache / f"vae-{result.key}"
+    assert result.steps == BOOT_STEPS and len(result.losses) == BOOT_STEPS
+    assert result.psnr_after > result.psnr_before + 5
+    assert result.loss_last < result.loss_first
+    loaded = AutoencoderKLCogVideoX.from_pretrained(result.path)
+    clip = torch.randn(1, 3, 9, 64, 64).clamp(-1, 1)
+    assert torch.equal(reconstruct(loaded, clip), reconstruct(result.vae, clip))
+    assert vae_digest(result.path) == vae_digest(result.vae)
+    assert loaded.config.scaling_factor == result.vae.config.scaling_factor != 1.15258426
+
+
+def test_vae_round_trip_beats_psnr_floor(boot, shapes: list[tuple[Path, str]]) -> None:
+    result, _ = boot
+    holdout = max(shapes, key=lambda item: item[1])[0]  # sorted by digest, the last is held out
+    enc = load_config("tiny").encode
+    clip = read_clip(holdout, frames=enc.frames, stride=enc.stride, height=enc.height,
+                     width=enc.width)[None]
+    assert psnr(reconstruct(result.vae, clip), clip, 2.0) > PSNR_FLOOR
+
+
+def test_vae_reused_until_data_or_settings_change(
+    boot, shapes: list[tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result, cache = boot
+    trained = vae_module.bootstrap_vae
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained again although nothing changed")
+
+    monkeypatch.setattr(vae_module, "bootstrap_vae", refuse)
+    again = load_or_bootstrap_vae(shapes, _cfg(), cache)
+    assert again.reused and again.path == result.path and again.psnr_after == result.psnr_after
+    assert vae_digest(again.vae) == vae_digest(result.vae)
+
+    monkeypatch.setattr(vae_module, "bootstrap_vae", trained)
+    quick = _cfg("models.vae.bootstrap.steps=2")
+    other = load_or_bootstrap_vae(shapes, quick, cache)
+    assert not other.reused and other.path != result.path
+    fewer = load_or_bootstrap_vae(shapes[1:], quick, cache)
+    assert not fewer.reused and fewer.path not in (result.path, other.path)
+    # Seeded: the same clips and settings give the same weights.
+    twin = vae_module.bootstrap_vae([p for p, _ in shapes], quick, cache / "twin")
+    assert vae_digest(twin.vae) == vae_digest(other.vae)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        ["twin", other.path.name, fewer.path.name, result.path.name])

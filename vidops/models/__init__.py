@@ -1,0 +1,67 @@
+"""Model factory: the video VAE, text encoders and denoising transformers, sized by config."""
+
+from vidops.models.frames import check_cogvideox_train_frames, check_vae_frames, latent_frames
+from vidops.models.identity import model_digest
+from vidops.models.text import DEFAULT_TEXT_ENCODER, TextEncoder, default_text_model_dir
+from vidops.models.transformer import (
+    LATTE_SIZES,
+    LatteSize,
+    build_cogvideox,
+    build_latte,
+    build_transformer,
+    count_parameters,
+    latte_config,
+    latte_mask_bias,
+)
+from vidops.models.vae import (
+    VAE_SIZES,
+    BootstrapResult,
+    bootstrap_key,
+    bootstrap_vae,
+    clip_window,
+    decode_resized,
+    load_or_bootstrap_vae,
+    load_vae,
+    psnr,
+    read_clip,
+    reconstruct,
+    resolve_device,
+    spatial_ratio,
+    temporal_ratio,
+    vae_config,
+    vae_digest,
+)
+
+__all__ = [
+    "DEFAULT_TEXT_ENCODER",
+    "LATTE_SIZES",
+    "VAE_SIZES",
+    "BootstrapResult",
+    "LatteSize",
+    "TextEncoder",
+    "bootstrap_key",
+    "bootstrap_vae",
+    "build_cogvideox",
+    "build_latte",
+    "build_transformer",
+    "check_cogvideox_train_frames",
+    "check_vae_frames",
+    "clip_window",
+    "count_parameters",
+    "decode_resized",
+    "default_text_model_dir",
+    "latent_frames",
+    "latte_config",
+    "latte_mask_bias",
+    "load_or_bootstrap_vae",
+    "load_vae",
+    "model_digest",
+    "psnr",
+    "read_clip",
+    "reconstruct",
+    "resolve_device",
+    "spatial_ratio",
+    "temporal_ratio",
+    "vae_config",
+    "vae_digest",
+]

@@ -1,0 +1,168 @@
+"""Denoising transformers: diffusers' Latte (from scratch, paper sizes) and CogVideoX."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import CogVideoXTransformer3DModel, LatteTransformer3DModel, ModelMixin
+
+from vidops.config import Config
+
+
+@dataclass(frozen=True)
+class LatteSize:
+    layers: int  # spatial + temporal block pairs
+    hidden: int
+    heads: int
+
+
+# Latte paper, table 1 (the DiT sizes); tiny is vidops' CPU size for tests and demos.
+LATTE_SIZES: dict[str, LatteSize] = {
+    "tiny": LatteSize(layers=4, hidden=128, heads=4),
+    "S": LatteSize(layers=12, hidden=384, heads=6),
+    "B": LatteSize(layers=12, hidden=768, heads=12),
+    "L": LatteSize(layers=24, hidden=1024, heads=16),
+    "XL": LatteSize(layers=28, hidden=1152, heads=16),
+}
+
+
+def latte_config(
+    size: str,
+    *,
+    in_channels: int,
+    sample_size: int | tuple[int, int],
+    num_frames: int,
+    text_dim: int,
+    patch_size: int = 2,
+    learn_sigma: bool = False,
+) -> dict[str, Any]:
+    """LatteTransformer3DModel arguments, shaped like Latte-1's (adaLN-single, PixArt captions).
+
+    `sample_size` and `num_frames` are in latent units. Latte adds its temporal positional
+    embedding for exactly `num_frames` frames, so training and sampling must use that count.
+    `learn_sigma` doubles the output channels: diffusers' LattePipeline keeps only the first
+    half unless its scheduler learns the variance.
+    """
+    if size not in LATTE_SIZES:
+        raise ValueError(f"unknown Latte size {size!r}; expected one of {', '.join(LATTE_SIZES)}")
+    spec = LATTE_SIZES[size]
+    height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"latent size {height}x{width} is not a multiple of patch {patch_size}")
+    return {
+        "num_attention_heads": spec.heads,
+        "attention_head_dim": spec.hidden // spec.heads,
+        "in_channels": in_channels,
+        "out_channels": 2 * in_channels if learn_sigma else in_channels,
+        "num_layers": spec.layers,
+        # Captions are projected to the hidden size before cross-attention.
+        "cross_attention_dim": spec.hidden,
+        "caption_channels": text_dim,
+        "attention_bias": True,
+        # Square positional grid; PatchEmbed recomputes it for other aspect ratios.
+        "sample_size": height,
+        "patch_size": patch_size,
+        "activation_fn": "gelu-approximate",
+        "num_embeds_ada_norm": 1000,
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "video_length": num_frames,
+    }
+
+
+def build_latte(size: str, **kwargs: Any) -> LatteTransformer3DModel:
+    """A randomly initialised Latte of `size` (arguments as for latte_config)."""
+    return LatteTransformer3DModel(**latte_config(size, **kwargs))
+
+
+def latte_mask_bias(mask: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """A [B, L] text mask (1 = token) as the additive bias Latte's cross-attention takes.
+
+    Latte passes `encoder_attention_mask` unchanged to its spatial blocks, which see one row
+    per frame, so the mask must already be a bias repeated per frame: [B * F, 1, L].
+    """
+    bias = (1 - mask.float()) * -10000.0
+    return bias.repeat_interleave(num_frames, dim=0)[:, None, :]
+
+
+def _from_pretrained(cls: type[ModelMixin], path: str, wanted: dict[str, int]) -> Any:
+    """Load a pretrained denoiser and check it against the latents and text it will get: a
+    mismatch would otherwise only fail deep inside its forward pass."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        sub = "transformer" if (local / "transformer" / "config.json").is_file() else None
+        model = cls.from_pretrained(local, subfolder=sub)
+    else:
+        try:
+            model = cls.from_pretrained(path, subfolder="transformer")
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(f"transformer {path!r} is no folder and cannot be loaded "
+                                    f"from the hub cache or network: {exc}") from exc
+    wrong = [f"{k} is {model.config[k]}, the data gives {v}"
+             for k, v in wanted.items() if model.config[k] != v]
+    if wrong:
+        raise ValueError(f"{cls.__name__} at {path} does not fit the data: {', '.join(wrong)} "
+                         f"(VAE latent channels, text encoder width/max_length, frames)")
+    return model
+
+
+def build_cogvideox(
+    path: str | None = None,
+    *,
+    tiny: bool = True,
+    in_channels: int = 16,
+    text_dim: int = 4096,
+    text_len: int = 226,
+    latent_frames: int = 13,
+    latent_hw: tuple[int, int] = (60, 90),
+    temporal_ratio: int = 4,
+) -> CogVideoXTransformer3DModel:
+    """CogVideoX from a path or hub id (its transformer/ subfolder), or a tiny random one.
+
+    CogVideoX puts text and video tokens in one sequence, with positions for exactly
+    `max_text_seq_length` text tokens: the text encoder's max_length must equal `text_len`.
+    """
+    if path is not None:
+        return _from_pretrained(CogVideoXTransformer3DModel, path, {
+            "in_channels": in_channels, "text_embed_dim": text_dim,
+            "max_text_seq_length": text_len})
+    if not tiny:
+        raise ValueError("a full-size CogVideoX needs pretrained weights: set "
+                         "models.transformer.path (e.g. THUDM/CogVideoX-2b)")
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=32, in_channels=in_channels,
+        out_channels=in_channels, time_embed_dim=64, text_embed_dim=text_dim, num_layers=2,
+        sample_height=latent_hw[0], sample_width=latent_hw[1],
+        sample_frames=(latent_frames - 1) * temporal_ratio + 1, patch_size=2,
+        temporal_compression_ratio=temporal_ratio, max_text_seq_length=text_len)
+
+
+def build_transformer(
+    cfg: Config,
+    *,
+    latent_channels: int,
+    latent_frames: int,
+    latent_hw: tuple[int, int],
+    text_dim: int,
+) -> LatteTransformer3DModel | CogVideoXTransformer3DModel:
+    """The denoiser that models.transformer names, fitted to the latents and text embeddings."""
+    spec = cfg.models.transformer
+    if spec.arch == "cogvideox":
+        return build_cogvideox(
+            spec.path, tiny=spec.size == "tiny", in_channels=latent_channels, text_dim=text_dim,
+            text_len=cfg.models.text_encoder.max_length, latent_frames=latent_frames,
+            latent_hw=latent_hw)
+    if spec.path is not None:
+        return _from_pretrained(LatteTransformer3DModel, spec.path, {
+            "in_channels": latent_channels, "caption_channels": text_dim,
+            "video_length": latent_frames})
+    return build_latte(spec.size, in_channels=latent_channels, sample_size=latent_hw,
+                       num_frames=latent_frames, text_dim=text_dim)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
