@@ -29,6 +29,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.curation
+	$(BIN)/python -m benchmarks.encode
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -258,7 +258,7 @@ def test_export_links_exactly_the_needed_shards_deterministically(tmp_path: Path
     for entry in entries.values():  # hard links: no bytes copied
         assert (out / "latents" / entry.shard).stat().st_ino == entry.path.stat().st_ino
 
-    index = pd.read_parquet(out / "index.parquet")
+    index = pd.read_parquet(out / "manifest.parquet")
     assert index["clip_id"].tolist() == sorted(f"clip-{i:02d}" for i in ids)
     assert list(index.columns[:4]) == ["clip_id", "key", "shard", "tensors"]
     assert {"latents_shape", "prompt_mask_dtype", "prompt_embeds_begin", "caption",
@@ -266,7 +266,7 @@ def test_export_links_exactly_the_needed_shards_deterministically(tmp_path: Path
     assert index["latents_shape"].iloc[0].tolist() == [4, 3, 16, 16]
 
     again, _ = make_export(tmp_path, list(reversed(ids)), name="again")
-    assert (again / "index.parquet").read_bytes() == (out / "index.parquet").read_bytes()
+    assert (again / "manifest.parquet").read_bytes() == (out / "manifest.parquet").read_bytes()
     assert (again / "empty_caption.safetensors").read_bytes() == (
         out / "empty_caption.safetensors").read_bytes()
 
@@ -331,13 +331,13 @@ def test_items_are_memory_mapped_not_loaded(tmp_path: Path) -> None:
 
 def test_dataset_refuses_a_broken_export(tmp_path: Path) -> None:
     out, _ = make_export(tmp_path, list(range(4)))
-    index = pd.read_parquet(out / "index.parquet")
+    index = pd.read_parquet(out / "manifest.parquet")
     bad = index.copy()
     bad.at[1, "latents_shape"] = [4, 3, 16, 8]
-    bad.to_parquet(out / "index.parquet")
+    bad.to_parquet(out / "manifest.parquet")
     with pytest.raises(LatentDatasetError, match="clip-01"):
         LatentDataset(out)
-    index.to_parquet(out / "index.parquet")
+    index.to_parquet(out / "manifest.parquet")
     LatentDataset(out)
     shard = out / index["shard"].iloc[0]
     shard.unlink()

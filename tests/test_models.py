@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from diffusers import AutoencoderKLCogVideoX
@@ -13,12 +14,14 @@ from vidops.config import Config, load_config
 from vidops.data.samples import write_samples
 from vidops.models import (
     LATTE_SIZES,
+    BootstrapResult,
     TextEncoder,
     build_cogvideox,
     build_latte,
     build_transformer,
     check_cogvideox_train_frames,
     check_vae_frames,
+    file_digest,
     latent_frames,
     latte_config,
     latte_mask_bias,
@@ -33,17 +36,18 @@ from vidops.models import (
     vae_digest,
 )
 from vidops.models import vae as vae_module
-from vidops.models.vae import file_digest
 
-# Enough steps for the tiny VAE to draw the shapes instead of a black frame, which alone
-# scores ~16.5 dB on these clips; measured after them: BOOT_PSNR_MEASURED dB.
-BOOT_STEPS = 60
+# A short bootstrap (~30 s on 2 cores: batch 2, a higher learning rate than the default) that
+# already draws the shapes instead of the black frame. Measured on these clips after it:
+# 22.2 dB over all five clips (black frame: 18.8 dB), 20.9 dB on the held-out one (17.3 dB).
+BOOT = ["models.vae.bootstrap.steps=150", "models.vae.bootstrap.batch_size=2",
+        "models.vae.bootstrap.learning_rate=2e-3", "models.vae.bootstrap.holdout_clips=1"]
 PSNR_FLOOR = 20.0
+OVER_BLACK_DB = 2.0
 
 
 def _cfg(*overrides: str) -> Config:
-    return load_config("tiny", [f"models.vae.bootstrap.steps={BOOT_STEPS}",
-                                "models.vae.bootstrap.holdout_clips=1", *overrides])
+    return load_config("tiny", [*BOOT, *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,8 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, str]]:
 
 
 @pytest.fixture(scope="module")
-def boot(shapes: list[tuple[Path, str]], tmp_path_factory: pytest.TempPathFactory):
+def boot(shapes: list[tuple[Path, str]], tmp_path_factory: pytest.TempPathFactory
+         ) -> tuple[BootstrapResult, Path]:
     cache = tmp_path_factory.mktemp("models")
     return load_or_bootstrap_vae(shapes, _cfg(), cache), cache
 
@@ -64,6 +69,10 @@ def test_frame_rules() -> None:
         check_vae_frames(8)
     with pytest.raises(ValueError, match="nearest valid: 1"):
         check_vae_frames(0)
+    # 13 frames encode to 4 latent frames, which diffusers' decoder turns into 16 frames.
+    with pytest.raises(ValueError, match=r"into 16 frames, not 13: .* nearest valid: 9 or 17"):
+        check_vae_frames(13)
+    assert check_vae_frames(13, decode=False) == 13
     assert check_cogvideox_train_frames(9) == 9 and check_cogvideox_train_frames(49) == 49
     with pytest.raises(ValueError, match=r"8N\+1 frames .* got 13, nearest valid: 9 or 17"):
         check_cogvideox_train_frames(13)
@@ -102,7 +111,7 @@ def test_tiny_latte_forward_and_text_mask() -> None:
     torch.testing.assert_close(out, again)
 
 
-def test_tiny_cogvideox_and_dispatch(cfg: Config) -> None:
+def test_tiny_cogvideox_and_dispatch(cfg: Config, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_cogvideox(in_channels=4, text_dim=32, text_len=8, latent_frames=3,
                             latent_hw=(8, 8))
@@ -111,6 +120,11 @@ def test_tiny_cogvideox_and_dispatch(cfg: Config) -> None:
         out = model(latents, encoder_hidden_states=torch.randn(2, 8, 32),
                     timestep=torch.tensor([1, 500])).sample
     assert out.shape == latents.shape
+    model.save_pretrained(tmp_path / "pipe" / "transformer")  # a pipeline's layout
+    fits = {"in_channels": 4, "text_dim": 32, "text_len": 8}
+    assert build_cogvideox(str(tmp_path / "pipe"), **fits).config.num_layers == 2
+    with pytest.raises(ValueError, match="max_text_seq_length is 8, the data gives 16"):
+        build_cogvideox(str(tmp_path / "pipe"), **{**fits, "text_len": 16})
     shape = {"latent_channels": 4, "latent_frames": 3, "latent_hw": (8, 8), "text_dim": 32}
     assert build_transformer(cfg, **shape).config.num_layers == LATTE_SIZES["tiny"].layers
     cog = load_config("tiny", ["models.transformer.arch=cogvideox"])
@@ -135,21 +149,34 @@ def test_vae_sizes_and_ratios() -> None:
         vae_config("huge")
 
 
-def test_load_vae_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no folder"):
-        load_vae(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="holds no VAE"):
-        load_vae(tmp_path)
-
-
-def test_minilm_encodes_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub, no network: the variables say so, and any connection attempt fails."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import, which happened before this test.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
     def no_network(*args: object, **kwargs: object) -> None:
         raise OSError("network disabled in this test")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
+
+
+# diffusers passes hf_hub_download an argument huggingface_hub has deprecated: not ours.
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument:UserWarning")
+def test_missing_models_fail_clearly(tmp_path: Path, offline: None) -> None:
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        load_vae(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="holds no VAE"):
+        load_vae(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither cached nor downloadable"):
+        load_vae("vidops-tests/no-such-vae")
+    with pytest.raises(FileNotFoundError, match="no-such-encoder"):
+        TextEncoder("vidops-tests/no-such-encoder", max_length=8)
+
+
+def test_minilm_encodes_offline(offline: None) -> None:
     encoder = TextEncoder(max_length=16)
     prompts = ["a red circle moving left", "a yellow triangle moving down " * 6]
     hidden, mask = encoder.encode(prompts)
@@ -158,15 +185,16 @@ def test_minilm_encodes_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     assert mask.sum(dim=1).tolist() == [counts[0], 16] and counts[1] > 16
     assert torch.isfinite(hidden).all()
     again = TextEncoder(max_length=16)
+    # Computed before and after encoding: calling the tokenizer must not change the identity.
     assert again.identity == encoder.identity and encoder.identity.startswith("all-MiniLM")
     torch.testing.assert_close(again.encode(prompts[:1])[0], hidden[:1])
 
 
-def test_vae_bootstrap_learns_and_saves(boot) -> None:
+def test_vae_bootstrap_learns_and_saves(boot: tuple[BootstrapResult, Path]) -> None:
     result, cache = boot
     assert not result.reused and result.path == cache / f"vae-{result.key}"
-    assert result.steps == BOOT_STEPS and len(result.losses) == BOOT_STEPS
-    assert result.psnr_after > result.psnr_before + 5
+    assert result.steps == 150 and len(result.losses) == 150
+    assert result.psnr_after > result.psnr_before + 10
     assert result.loss_last < result.loss_first
     loaded = AutoencoderKLCogVideoX.from_pretrained(result.path)
     clip = torch.randn(1, 3, 9, 64, 64).clamp(-1, 1)
@@ -175,17 +203,28 @@ def test_vae_bootstrap_learns_and_saves(boot) -> None:
     assert loaded.config.scaling_factor == result.vae.config.scaling_factor != 1.15258426
 
 
-def test_vae_round_trip_beats_psnr_floor(boot, shapes: list[tuple[Path, str]]) -> None:
-    result, _ = boot
-    holdout = max(shapes, key=lambda item: item[1])[0]  # sorted by digest, the last is held out
+def _clips(paths: list[Path]) -> torch.Tensor:
     enc = load_config("tiny").encode
-    clip = read_clip(holdout, frames=enc.frames, stride=enc.stride, height=enc.height,
-                     width=enc.width)[None]
-    assert psnr(reconstruct(result.vae, clip), clip, 2.0) > PSNR_FLOOR
+    return torch.stack([read_clip(p, frames=enc.frames, stride=enc.stride, height=enc.height,
+                                  width=enc.width) for p in paths])
+
+
+def test_vae_round_trip_beats_psnr_floor(
+    boot: tuple[BootstrapResult, Path], shapes: list[tuple[Path, str]]
+) -> None:
+    result, _ = boot
+    clips = _clips([p for p, _ in shapes])
+    black = psnr(torch.full_like(clips, -1.0), clips, 2.0)
+    recon = psnr(reconstruct(result.vae, clips), clips, 2.0)
+    assert recon > PSNR_FLOOR and recon > black + OVER_BLACK_DB
+    holdout = _clips([max(shapes, key=lambda item: item[1])[0]])  # the last digest is held out
+    black = psnr(torch.full_like(holdout, -1.0), holdout, 2.0)
+    assert psnr(reconstruct(result.vae, holdout), holdout, 2.0) > black + OVER_BLACK_DB
 
 
 def test_vae_reused_until_data_or_settings_change(
-    boot, shapes: list[tuple[Path, str]], monkeypatch: pytest.MonkeyPatch
+    boot: tuple[BootstrapResult, Path], shapes: list[tuple[Path, str]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     result, cache = boot
     trained = vae_module.bootstrap_vae
@@ -209,3 +248,12 @@ def test_vae_reused_until_data_or_settings_change(
     assert vae_digest(twin.vae) == vae_digest(other.vae)
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         ["twin", other.path.name, fewer.path.name, result.path.name])
+
+
+@pytest.mark.slow
+def test_default_bootstrap_on_shapes(tmp_path: Path) -> None:
+    """The recipe as configured (tiny: 400 steps at 64x64x9) on the tiny profile's corpus."""
+    cfg = load_config("tiny")
+    report = write_samples(tmp_path / "shapes", "shapes", count=cfg.samples.counts.shapes)
+    result = vae_module.bootstrap_vae(report.files, cfg, tmp_path / "vae")
+    assert result.psnr_after > 24.0  # measured 25.6 dB (2 held-out clips), ~2 min on 2 cores

@@ -16,7 +16,7 @@ from vidops.config import load_config
 from vidops.pipelines.compile import compile_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_STAGES = ["ingest", "filter", "annotate"]
+DATA_STAGES = ["ingest", "filter", "annotate", "encode"]
 
 
 def _compiled(tmp_path: Path) -> dict:
@@ -26,16 +26,18 @@ def _compiled(tmp_path: Path) -> dict:
 def test_curation_pipeline_compiles_and_loads_back(tmp_path: Path) -> None:
     spec = _compiled(tmp_path)
     assert spec["pipelineInfo"]["name"] == "vidops-curation"
-    assert {"comp-ingest", "comp-shard", "comp-filter", "comp-annotate", "comp-merge"} <= set(
-        spec["components"])
+    assert {"comp-ingest", "comp-shard", "comp-filter", "comp-annotate", "comp-merge",
+            "comp-encode", "comp-merge-encoded"} <= set(spec["components"])
     root_tasks = spec["root"]["dag"]["tasks"]
     loops = [t for t in root_tasks.values() if "parameterIterator" in t]
-    assert len(loops) == 1, "filter and annotate fan out over the shards"
-    loop_dag = spec["components"][loops[0]["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(loop_dag) == {"filter", "annotate"}
-    assert loop_dag["annotate"]["dependentTasks"] == ["filter"]
-    assert "merge" in root_tasks
-    for stage in ("ingest", "filter", "annotate", "merge"):
+    loop_dags = [spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+                 for loop in loops]
+    # filter and annotate fan out over shards of sources, encode over shards of clips.
+    assert sorted(sorted(d) for d in loop_dags) == [["annotate", "filter"], ["encode"]]
+    (curation,) = [d for d in loop_dags if "filter" in d]
+    assert curation["annotate"]["dependentTasks"] == ["filter"]
+    assert {"merge", "merge-encoded"} <= set(root_tasks)
+    for stage in ("ingest", "filter", "annotate", "merge", "encode"):
         executor = spec["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]
         assert executor["image"].startswith("ghcr.io/vidops/vidops-cpu")
         assert f"run_{stage}" in " ".join(executor["command"])
@@ -70,7 +72,8 @@ def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
     work = tmp_path / "work"
     proc = subprocess.run(
         [sys.executable, "-m", "vidops.cli", "run", "--config", "tiny", "--workdir", str(work),
-         "--set", "samples.counts.shapes=4", "--quiet"],
+         "--set", "samples.counts.shapes=4", "--set", "models.vae.bootstrap.steps=20",
+         "--quiet"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -99,6 +102,14 @@ def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
         assert decisions[name] == {reason or "kept"}, name
     assert curated.caption.notna().all()
     assert all((work / "data" / "curated" / p).is_file() for p in curated.path)
+
+    # ... and every curated clip has its latents, through the encode fan-out and its merge.
+    from vidops.data.latent_dataset import LatentDataset
+
+    encoded = LatentDataset(work / "data" / "encoded", return_meta=True)
+    assert sorted(encoded.clip_ids) == sorted(curated.clip_id)
+    assert len([s for s in summary["stages"] if s["stage"] == "encode"]) == 2
+    assert encoded[0]["latents"].ndim == 4
 
     import mlflow
 

@@ -79,7 +79,17 @@ def annotate_manifest(n: int = 4) -> pd.DataFrame:
     return frame
 
 
+def latent_manifest(n: int = 3) -> pd.DataFrame:
+    rows = [{"clip_id": f"clip-{i}", "key": f"{i:064x}", "shard": f"latents/{7:064x}.safetensors",
+             "tensors": "latents,prompt_embeds,prompt_mask", "latents_shape": [4, 3, 16, 16],
+             "prompt_embeds_shape": [32, 384], "prompt_mask_shape": [32],
+             "caption": "a red circle moving left", "source_sha256": _sha(i)} for i in range(n)]
+    return pd.DataFrame(rows)
+
+
 def manifest_for(stage: str) -> pd.DataFrame:
+    if stage in ("encode", "encoded"):
+        return latent_manifest()
     if stage == "ingest":
         return ingest_manifest()
     if stage == "filter":
@@ -88,15 +98,15 @@ def manifest_for(stage: str) -> pd.DataFrame:
 
 
 def test_unknown_stage_is_an_error(cfg: Config, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="encode"):
-        build_suite("encode", cfg)
+    with pytest.raises(ValueError, match="pretrain"):
+        build_suite("pretrain", cfg)
     with pytest.raises(ValueError, match="no expectation suite"):
-        validate_manifest("encode", ingest_manifest(), cfg, tmp_path)
+        validate_manifest("pretrain", ingest_manifest(), cfg, tmp_path)
     assert not (tmp_path / "validation.json").exists()
 
 
 def test_suites_take_thresholds_from_config(cfg: Config) -> None:
-    assert SUITE_STAGES == ("ingest", "filter", "annotate", "curated")
+    assert SUITE_STAGES == ("ingest", "filter", "annotate", "curated", "encode", "encoded")
     suites = {stage: build_suite(stage, cfg) for stage in SUITE_STAGES}
     assert {s.name for s in suites.values()} == {f"vidops-{stage}" for stage in SUITE_STAGES}
 

@@ -78,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="in_dirs", type=Path, nargs="+", required=True)
     p.add_argument("--out", type=Path, default=None, help="default <workdir>/data/curated")
 
+    p = sub.add_parser("encode", parents=[common],
+                       help="VAE latents + text embeddings, content-addressed cache")
+    p.add_argument("--in", dest="in_dir", type=Path, default=None,
+                   help="a curated (or annotate) output (default <workdir>/data/curated)")
+    p.add_argument("--out", type=Path, default=None, help="default <workdir>/data/encode")
+    p.add_argument("--shard", type=Path, default=None,
+                   help="a shard file (by clip_id): encode only the clips it lists")
+
+    p = sub.add_parser("merge-encoded", parents=[common],
+                       help="merge encoded shards into one latent dataset")
+    p.add_argument("--in", dest="in_dirs", type=Path, nargs="+", required=True)
+    p.add_argument("--out", type=Path, default=None, help="default <workdir>/data/encoded")
+
     p = sub.add_parser("run", parents=[common],
                        help="run the pipeline locally through kfp.local")
     p.add_argument("--source", dest="sources", nargs="+", action="extend", default=[],
@@ -135,7 +148,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         return EXIT_OK
 
     workdir = Workdir.at(args.workdir)
-    if args.command in ("ingest", "filter", "annotate", "merge"):
+    if args.command in ("ingest", "filter", "annotate", "merge", "encode", "merge-encoded"):
         return _run_data_stage(args, cfg, workdir)
 
     if args.command == "run":
@@ -173,6 +186,17 @@ def _run_data_stage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> 
         info = run_annotate(args.in_dir or workdir.stage_dir("filter"),
                             args.out or workdir.stage_dir("annotate"), cfg=cfg,
                             workdir=workdir, quiet=args.quiet)
+    elif args.command == "encode":
+        from vidops.stages.encode import run_encode
+
+        info = run_encode(args.in_dir or workdir.stage_dir("curated"),
+                          args.out or workdir.stage_dir("encode"), shard_file=args.shard,
+                          cfg=cfg, workdir=workdir, quiet=args.quiet)
+    elif args.command == "merge-encoded":
+        from vidops.stages.encode import MERGED, run_merge_encoded
+
+        info = run_merge_encoded(args.in_dirs, args.out or workdir.stage_dir(MERGED), cfg=cfg,
+                                 workdir=workdir, quiet=args.quiet)
     else:
         from vidops.stages.merge import run_merge
 

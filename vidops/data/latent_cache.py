@@ -19,7 +19,8 @@ lock, so concurrent writers never lose each other's rows. Rows whose shard is go
 An export (`export`) is what training reads (`vidops.data.latent_dataset.LatentDataset`):
 
     <out>/latents/<sha256>.safetensors   hard links to exactly the shards the rows need
-    <out>/index.parquet                  one row per clip, sorted by clip_id (columns below)
+    <out>/manifest.parquet               one row per clip, sorted by clip_id (columns below):
+                                         the encode stage's manifest is this index
     <out>/empty_caption.safetensors      the empty caption's embedding (`write_empty_caption`)
 """
 
@@ -51,6 +52,7 @@ from vidops.media.files import link_or_copy
 
 CACHE_FORMAT = "vidops-latent-cache/1"
 INDEX = "index.parquet"
+EXPORT_INDEX = "manifest.parquet"  # an export is a stage output: its index is the manifest
 LATENTS_DIR = "latents"
 EMPTY_CAPTION = "empty_caption.safetensors"
 SHARD_SUFFIX = ".safetensors"
@@ -403,7 +405,7 @@ class CacheWriter:
 def export(cache: LatentCache, rows: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     """Write the encoded dataset of `rows` (columns clip_id, key, any extras) into `out_dir`.
 
-    index.parquet holds, per clip sorted by clip_id: clip_id, key, shard (relative path),
+    manifest.parquet holds, per clip sorted by clip_id: clip_id, key, shard (relative path),
     tensors (names, "," joined), per tensor `<name>_shape`, `<name>_dtype`, `<name>_begin`,
     `<name>_end` (byte offsets within the shard), then the extra columns. Same rows and cache
     content, same bytes. Returns that table.
@@ -448,5 +450,5 @@ def export(cache: LatentCache, rows: pd.DataFrame, out_dir: Path) -> pd.DataFram
     frame = pd.DataFrame(table)
     extras = [c for c in rows.columns if c not in frame.columns]
     frame = pd.concat([frame, rows[extras]], axis=1)
-    write_table(frame, out_dir / INDEX)
+    write_table(frame, out_dir / EXPORT_INDEX)
     return frame

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import Dataset, Subset
 
-from vidops.data.latent_cache import DTYPE_CODES, EMPTY_CAPTION, INDEX, read_header
+from vidops.data.latent_cache import DTYPE_CODES, EMPTY_CAPTION, EXPORT_INDEX, read_header
 from vidops.data.manifest import read_table
 
 
@@ -39,7 +39,7 @@ class LatentDataset(Dataset[dict[str, Any]]):
         self.data_dir = Path(data_dir)
         self.return_meta = return_meta
         self.max_open_shards = max_open_shards
-        index_path = self.data_dir / INDEX
+        index_path = self.data_dir / EXPORT_INDEX
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path} not found: not an encoded dataset")
         frame = read_table(index_path)
@@ -69,7 +69,7 @@ class LatentDataset(Dataset[dict[str, Any]]):
             path = self._shard_paths[shard]
             if not path.is_file():
                 raise LatentDatasetError(
-                    f"latent shard {path} is missing (listed in {self.data_dir / INDEX})")
+                    f"latent shard {path} is missing (listed in {self.data_dir / EXPORT_INDEX})")
             start, header = read_header(path)
             for row in rows:
                 for name in self.tensor_names:

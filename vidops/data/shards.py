@@ -16,14 +16,16 @@ from pathlib import Path
 import pandas as pd
 
 
-def plan_shards(manifest: pd.DataFrame, count: int) -> list[list[str]]:
-    """Split source ids into at most `count` shards of near-equal total duration."""
+def plan_shards(manifest: pd.DataFrame, count: int,
+                id_column: str = "source_sha256") -> list[list[str]]:
+    """Split the ids (sources, or clips for the encode fan-out) into at most `count` shards of
+    near-equal total duration."""
     if count < 1:
         raise ValueError("shard count must be at least 1")
     heap = [(0.0, index) for index in range(count)]
     shards: list[list[str]] = [[] for _ in range(count)]
-    order = manifest.sort_values(["duration_s", "source_sha256"], ascending=[False, True])
-    for sha, duration in zip(order["source_sha256"], order["duration_s"], strict=True):
+    order = manifest.sort_values(["duration_s", id_column], ascending=[False, True])
+    for sha, duration in zip(order[id_column], order["duration_s"], strict=True):
         load, index = heapq.heappop(heap)
         shards[index].append(str(sha))
         heapq.heappush(heap, (load + float(duration), index))
@@ -32,26 +34,26 @@ def plan_shards(manifest: pd.DataFrame, count: int) -> list[list[str]]:
 
 
 def write_shards(manifest: pd.DataFrame, count: int, dest: Path,
-                 source_dir: Path | None = None) -> list[str]:
+                 source_dir: Path | None = None, id_column: str = "source_sha256") -> list[str]:
     """Write shard-NN.json files into `dest` (atomically each); returns their paths. A shard
     names the stage output it partitions (`source_dir`), so a shard file alone is a task."""
     dest.mkdir(parents=True, exist_ok=True)
     for stale in dest.glob("shard-*.json"):
         stale.unlink()
     paths = []
-    for index, ids in enumerate(plan_shards(manifest, count)):
+    for index, ids in enumerate(plan_shards(manifest, count, id_column)):
         path = dest / f"shard-{index:02d}.json"
         tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"index": index, "source_dir": str(source_dir or ""),
-                                   "source_ids": ids}, indent=1))
+                                   "id_column": id_column, "ids": ids}, indent=1))
         tmp.replace(path)
         paths.append(str(path))
     return paths
 
 
 def read_shard(path: str | Path) -> tuple[str, set[str], Path | None]:
-    """(shard name, source ids, the stage output it partitions) of a shard file."""
+    """(shard name, ids (of the column the file names), the stage output it partitions)."""
     data = json.loads(Path(path).read_text())
     source = data.get("source_dir") or None
-    return (f"shard-{int(data['index']):02d}", set(data["source_ids"]),
+    return (f"shard-{int(data['index']):02d}", set(data["ids"]),
             Path(source) if source else None)

@@ -2,8 +2,11 @@
 
 The CogVideoX VAE keeps the first frame on its own and compresses every following group of
 `temporal_ratio` frames into one latent frame, so only 1 + k * ratio frames map onto whole
-latent frames; anything else is silently cropped or padded inside diffusers. Checking here
-turns that into an error that says which counts would work.
+latent frames. Its diffusers decoder also treats the first latent frame apart only when the
+number of latent frames is odd (it decodes two at a time, the first chunk taking the odd one
+out): 5 frames encode to 2 latent frames that decode to 8 frames. A round trip therefore needs
+an odd latent count, i.e. 1 + 2k * ratio frames (9, 17, 49). Anything else would be silently
+cropped, padded or stretched inside diffusers; these checks say which counts work instead.
 """
 
 from __future__ import annotations
@@ -15,12 +18,21 @@ def _nearest(n: int, step: int) -> str:
     return str(below) if below == above else f"{below} or {above}"
 
 
-def check_vae_frames(n: int, temporal_ratio: int = 4) -> int:
-    """`n` if the VAE encodes it into whole latent frames (k * ratio + 1), else ValueError."""
+def check_vae_frames(n: int, temporal_ratio: int = 4, *, decode: bool = True) -> int:
+    """`n` if the VAE encodes it into whole latent frames (k * ratio + 1) and, with `decode`,
+    decodes them back to `n` frames (an odd number of latent frames); else ValueError."""
     if n < 1 or (n - 1) % temporal_ratio:
         raise ValueError(
             f"the CogVideoX VAE needs {temporal_ratio}k+1 frames (1, {1 + temporal_ratio}, "
             f"{1 + 2 * temporal_ratio}, ...); got {n}, nearest valid: {_nearest(n, temporal_ratio)}"
+        )
+    latents = latent_frames(n, temporal_ratio)
+    if decode and latents % 2 == 0:
+        raise ValueError(
+            f"{n} frames encode to {latents} latent frames, which the CogVideoX decoder turns "
+            f"into {latents * temporal_ratio} frames, not {n}: it needs an odd number of latent "
+            f"frames, i.e. {2 * temporal_ratio}k+1 frames; nearest valid: "
+            f"{_nearest(n, 2 * temporal_ratio)}"
         )
     return n
 
@@ -28,8 +40,8 @@ def check_vae_frames(n: int, temporal_ratio: int = 4) -> int:
 def check_cogvideox_train_frames(n: int) -> int:
     """`n` if CogVideoX can be trained on it (8N+1 frames, e.g. 49), else ValueError.
 
-    The model was trained on 49 frames (13 latent frames); its positional embeddings and the
-    diffusers training scripts assume an odd number of latent frames, hence 8N+1.
+    CogVideoX was trained on 49 frames (13 latent frames) and its VAE decodes only odd latent
+    counts, hence 8N+1.
     """
     if n < 9 or (n - 1) % 8:
         raise ValueError(

@@ -66,7 +66,7 @@ class TextEncoder:
                                                            **tok_kw)
             model: PreTrainedModel = model_cls.from_pretrained(
                 source, local_files_only=local, **model_kw, **({"dtype": dtype} if dtype else {}))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not a valid hub id either
             raise FileNotFoundError(f"text encoder {self.name!r} cannot be loaded: {exc}") from exc
         self.model = model.to(device).eval().requires_grad_(False)
 
@@ -87,9 +87,15 @@ class TextEncoder:
     def identity(self) -> str:
         """`name@sha256:...` over config, weights and tokenizer: equal encoders, equal identity."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        vocab = backend.to_str() if backend is not None else json.dumps(
-            sorted(self.tokenizer.get_vocab().items()))
-        digest = model_digest(self.model.config.to_dict(), self.model.state_dict(), [vocab])
+        if backend is None:
+            spec: object = sorted(self.tokenizer.get_vocab().items())
+        else:
+            # Calling a fast tokenizer stores its padding/truncation arguments in the backend:
+            # state of the last call, not of the tokenizer.
+            spec = {k: v for k, v in json.loads(backend.to_str()).items()
+                    if k not in ("padding", "truncation")}
+        digest = model_digest(self.model.config.to_dict(), self.model.state_dict(),
+                              [json.dumps(spec, sort_keys=True)])
         return f"{self.name}@{digest}"
 
     @torch.no_grad()

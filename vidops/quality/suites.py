@@ -21,7 +21,12 @@ if TYPE_CHECKING:
     import great_expectations as gx
     from great_expectations.expectations import Expectation
 
-SUITE_STAGES: tuple[str, ...] = ("ingest", "filter", "annotate", "curated")
+SUITE_STAGES: tuple[str, ...] = ("ingest", "filter", "annotate", "curated", "encode", "encoded")
+# The encode stage's shards and their merge hold the same table: one suite serves both.
+_LATENT_STAGES = ("encode", "encoded")
+# Latent-cache keys: sha256 hex (vidops.data.latent_cache.cache_key).
+KEY_REGEX = r"^[0-9a-f]{64}$"
+SHARD_REGEX = r"^latents/[0-9a-f]{64}\.safetensors$"
 SUITE_PREFIX = "vidops-"
 
 SHA256_REGEX = r"^[0-9a-f]{64}$"
@@ -76,6 +81,9 @@ def _columns(stage: str) -> list[str]:
         return list(MANIFEST_COLUMNS)
     if stage == "filter":
         return list(FILTER_COLUMNS)
+    if stage in _LATENT_STAGES:
+        return ["clip_id", "key", "shard", "tensors", "latents_shape", "prompt_embeds_shape",
+                "prompt_mask_shape", "caption", "source_sha256"]
     return list(ANNOTATE_COLUMNS)
 
 
@@ -150,6 +158,19 @@ def _annotate(ex: Any, cfg: Config) -> list[Expectation]:
     ]
 
 
+def _latents(ex: Any, cfg: Config) -> list[Expectation]:
+    return [
+        # No latents means nothing to train on.
+        ex.ExpectTableRowCountToBeBetween(min_value=1),
+        *_not_null(ex, "clip_id", "key", "shard", "caption", "source_sha256"),
+        ex.ExpectColumnValuesToBeUnique(column="clip_id"),
+        ex.ExpectColumnValuesToMatchRegex(column="key", regex=KEY_REGEX),
+        ex.ExpectColumnValuesToMatchRegex(column="shard", regex=SHARD_REGEX),
+        ex.ExpectColumnValueLengthsToBeBetween(column="caption", min_value=1,
+                                               max_value=cfg.annotate.max_caption_chars),
+    ]
+
+
 def build_suite(stage: str, cfg: Config, *, expected_rows: int | None = None
                 ) -> gx.ExpectationSuite:
     """The expectation suite for a stage's manifest. `curated` (the merged output of the
@@ -171,6 +192,8 @@ def build_suite(stage: str, cfg: Config, *, expected_rows: int | None = None
         expectations += _ingest(ex)
     elif stage == "filter":
         expectations += _filter(ex, cfg)
+    elif stage in _LATENT_STAGES:
+        expectations += _latents(ex, cfg)
     else:
         expectations += _annotate(ex, cfg)
     return gx.ExpectationSuite(

@@ -1,0 +1,56 @@
+"""The encode component: one shard of the curated clips to VAE latents and text embeddings."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from vidops.components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def encode(
+    shard_file: str,
+    workdir: str,
+    config_json: str,
+    manifest: dsl.Output[dsl.Dataset],
+    parent_run_id: str = "",
+    quiet: bool = True,
+) -> NamedTuple("EncodeOutputs", out_dir=str, dvc_md5=str, mlflow_run_id=str, kept=int,
+                rejected=int):
+    from vidops.components.publish import publish_stage
+    from vidops.config import config_from_json
+    from vidops.data.shards import read_shard
+    from vidops.stages.encode import run_encode
+    from vidops.tracking.workdir import Workdir
+
+    work = Workdir.at(workdir)
+    # As for filter: inside a ParallelFor the shard file (which names the curated dataset it
+    # partitions) is all a task needs.
+    shard_name, _, in_dir = read_shard(shard_file)
+    name = f"encode-{shard_name}"
+    info = run_encode(in_dir, work.stage_dir(name), shard_file=shard_file,
+                      cfg=config_from_json(config_json), workdir=work,
+                      parent_run_id=parent_run_id or None, quiet=quiet, dataset_name=name)
+    return publish_stage(info, manifest)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def merge_encoded(
+    in_dirs: list,
+    workdir: str,
+    config_json: str,
+    manifest: dsl.Output[dsl.Dataset],
+    parent_run_id: str = "",
+    quiet: bool = True,
+) -> NamedTuple("MergeEncodedOutputs", out_dir=str, dvc_md5=str, mlflow_run_id=str, kept=int,
+                rejected=int):
+    from vidops.components.publish import publish_stage
+    from vidops.config import config_from_json
+    from vidops.stages.encode import MERGED, run_merge_encoded
+    from vidops.tracking.workdir import Workdir
+
+    work = Workdir.at(workdir)
+    info = run_merge_encoded(sorted(in_dirs), work.stage_dir(MERGED),
+                             cfg=config_from_json(config_json), workdir=work,
+                             parent_run_id=parent_run_id or None, quiet=quiet)
+    return publish_stage(info, manifest)
