@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(args.dir, ignore_errors=True)
     samples = write_samples(args.dir / "samples", "shapes", count=2 * args.clips, seed=0)
-    videos = sorted(p for p in samples.out_dir.glob("*.mp4"))
+    videos = sorted(p for p in samples.out_dir.iterdir() if p.suffix in (".mp4", ".mkv"))
     work = args.dir / "work"
     workdir = Workdir.at(work)
     small = curated(workdir, videos[: args.clips], "curated-1x", args.config)

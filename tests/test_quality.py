@@ -232,3 +232,4 @@ def test_socket_guard_is_live(no_network: list[Any]) -> None:
         socket.create_connection(("pypi.org", 443))
     assert no_network
     no_network.clear()  # the teardown check is for the code under test, not this probe
+

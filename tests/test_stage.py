@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
+from vidops.config import Config
 from vidops.data.manifest import rejected_frame
 from vidops.stage import (
     AccountingError,
@@ -117,3 +119,25 @@ def test_sigkilled_stage_leaves_nothing_a_rerun_would_trust(cfg, workdir, tmp_pa
     assert info["counts"]["kept"] == 1
     assert not list(tmp_path.glob(".out.partial-*")), "the re-run cleans up the dead partial"
     assert not (out / "media" / "partial.bin").exists()
+
+
+def test_a_passed_validation_is_reused_for_identical_data(cfg: Config, tmp_path: Path) -> None:
+    from tests.test_quality import manifest_for
+    from vidops.tracking.workdir import Workdir
+
+    workdir = Workdir.at(tmp_path / "work")
+
+    def stage(manifest: pd.DataFrame, out: str) -> dict[str, Any]:
+        return run_stage("filter", lambda ctx: StageOutcome(len(manifest), manifest,
+                                                            rejected_frame([]), "test"),
+                         cfg=cfg, workdir=workdir, out_dir=tmp_path / out, quiet=True)
+
+    manifest = manifest_for("filter")
+    first, second = stage(manifest, "a"), stage(manifest, "b")
+    assert "reused" not in first["validation"] and second["validation"]["reused"]
+    assert second["validation"]["success"] and second["validation"]["evaluated"] > 10
+    assert ((tmp_path / "b" / "validation.json").read_bytes()
+            == (tmp_path / "a" / "validation.json").read_bytes())
+    assert (tmp_path / "b" / "data_docs" / "index.html").is_file()
+    # Other data is validated afresh.
+    assert "reused" not in stage(manifest.iloc[1:], "c")["validation"]
