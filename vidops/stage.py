@@ -40,6 +40,7 @@ import pandas as pd
 
 from vidops.config import Config
 from vidops.data.manifest import REJECTED_COLUMNS, Reason, read_table, write_table
+from vidops.media.files import pid_alive
 from vidops.tracking import dvc as dvc_tracking
 from vidops.tracking import mlflow_runs
 from vidops.tracking.workdir import Workdir, code_version
@@ -137,16 +138,6 @@ def load_output(directory: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     return read_table(directory / MANIFEST), info
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_partials(out_dir: Path) -> None:
     """Partial outputs of stages that died (their process is gone) are deleted."""
     for leftover in out_dir.parent.glob(f".{out_dir.name}.*-*"):
@@ -154,7 +145,7 @@ def _remove_stale_partials(out_dir: Path) -> None:
             pid = int(leftover.name.rsplit(".", 1)[-1].split("-")[1])
         except (IndexError, ValueError):
             continue
-        if pid == os.getpid() or not _pid_alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             shutil.rmtree(leftover, ignore_errors=True)
 
 

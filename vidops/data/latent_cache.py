@@ -48,7 +48,7 @@ import torch
 from safetensors import safe_open
 
 from vidops.data.manifest import write_table
-from vidops.media.files import link_or_copy
+from vidops.media.files import link_or_copy, pid_alive
 
 CACHE_FORMAT = "vidops-latent-cache/1"
 INDEX = "index.parquet"
@@ -191,16 +191,6 @@ def write_empty_caption(out_dir: Path, tensors: Mapping[str, torch.Tensor]) -> P
 
 # --- the cache -------------------------------------------------------------------------------
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _write_index(table: pa.Table, path: Path) -> None:
     tmp = _tmp_name(path.parent)
     try:
@@ -286,7 +276,7 @@ class LatentCache:
         for directory in (self.root, self.shards_dir, self.segments_dir):
             for tmp in directory.glob(".tmp@*"):
                 _, tmp_host, pid, _ = [*tmp.name.split("@"), "", "", ""][:4]
-                if tmp_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+                if tmp_host == host and pid.isdigit() and not pid_alive(int(pid)):
                     tmp.unlink(missing_ok=True)
                     removed.append(tmp)
         return removed

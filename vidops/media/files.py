@@ -20,3 +20,15 @@ def move(src: Path, dst: Path) -> None:
     """Move src to dst, creating dst's folder."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(src), str(dst))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host still runs: temporary files named after a dead writer
+    are leftovers a later run may delete."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
