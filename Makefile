@@ -30,6 +30,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.curation
 	$(BIN)/python -m benchmarks.encode
+	$(BIN)/python -m benchmarks.training
+	$(BIN)/python -m benchmarks.adherence
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

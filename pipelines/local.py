@@ -48,6 +48,18 @@ def _stage_outputs(workdir: Workdir, parent_run_id: str) -> list[dict[str, Any]]
     return sorted(found, key=lambda info: info["started_at"])
 
 
+def _model_trained(workdir: Workdir, parent_run_id: str) -> dict[str, Any] | None:
+    """The model folder this run trained, from its training.json, if it trained one."""
+    from vidops.stages.pretrain import TRAINING_JSON
+
+    for summary_file in sorted((workdir.root / "models").glob(f"*/{TRAINING_JSON}")):
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        if summary.get("parent_run_id") == parent_run_id:
+            return {k: summary.get(k) for k in ("model_dir", "mlflow_run_id", "steps",
+                                                  "final_loss", "seconds", "data_dir")}
+    return None
+
+
 def ensure_samples(cfg: Config, workdir: Workdir, quiet: bool = False) -> list[str]:
     """The sample corpora of cfg.samples, generated once per (kind, count, seed)."""
     sources = []
@@ -78,15 +90,27 @@ def run_local(
     workdir: Workdir,
     sources: list[str] | None = None,
     quiet: bool = False,
+    curated_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run pipeline `name` locally; returns the run summary (also in run-summary.json)."""
-    from vidops.pipelines.registry import PIPELINES
+    """Run pipeline `name` locally; returns the run summary (also in run-summary.json).
 
-    sources = list(sources) if sources else ensure_samples(cfg, workdir, quiet)
+    Pipelines that start from sources get `sources` (default: the sample corpus); the
+    training pipeline gets `curated_dir` (default: the workdir's curated dataset)."""
+    from vidops.pipelines.registry import EXPERIMENT, INPUT_PARAMETER, PIPELINES
+
+    if INPUT_PARAMETER[name] == "sources":
+        sources = list(sources) if sources else ensure_samples(cfg, workdir, quiet)
+        data_input: dict[str, Any] = {"sources": sources}
+    else:
+        curated = Path(curated_dir or workdir.stage_dir("curated")).resolve()
+        load_output(curated)  # a missing or unfinished dataset fails here, not in a task
+        sources = []
+        data_input = {"curated_dir": str(curated)}
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
+    experiment = getattr(cfg.tracking.experiments, EXPERIMENT[name])
     parent_run_id = mlflow_runs.start_parent_run(
-        cfg, workdir, cfg.tracking.experiments.curation, run_name=f"{name}-{started:%Y%m%d-%H%M%S}")
+        cfg, workdir, experiment, run_name=f"{name}-{started:%Y%m%d-%H%M%S}")
     kfp.local.init(
         runner=kfp.local.SubprocessRunner(use_venv=False),
         pipeline_root=str(workdir.root / cfg.pipeline.local_root),
@@ -98,8 +122,8 @@ def run_local(
         # kfp.local warns that the components name a container image while running them in
         # this environment: that is the point of the embedded default.
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
-        PIPELINES[name](sources=sources, workdir=str(workdir.root), config_json=cfg.to_json(),
-                        parent_run_id=parent_run_id, quiet=quiet)
+        PIPELINES[name](cfg)(**data_input, workdir=str(workdir.root),
+                             config_json=cfg.to_json(), parent_run_id=parent_run_id, quiet=quiet)
         status = "FINISHED"
     except RuntimeError as exc:  # kfp.local: a task ended with status FAILURE
         failure = exc
@@ -125,6 +149,7 @@ def run_local(
         "mlflow": {"tracking_uri": mlflow_runs.redact(mlflow_runs.tracking_uri(cfg, workdir)),
                    "parent_run_id": parent_run_id},
         "stages": stages,
+        "model": _model_trained(workdir, parent_run_id),
     }
     tmp = workdir.run_summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -153,4 +178,10 @@ def summary_table(summary: dict[str, Any]) -> str:
                  f"{summary['duration_s']:.1f}s; workdir {summary['workdir']}")
     lines.append(f"MLflow parent run {summary['mlflow']['parent_run_id']} at "
                  f"{summary['mlflow']['tracking_uri']}")
+    model = summary.get("model")
+    if model:
+        lines.append(f"model: {model['model_dir']} ({model['steps']} steps, final loss "
+                     f"{model['final_loss']:.4f}, MLflow run {model['mlflow_run_id']})")
+        lines.append(f"try: vidops generate --model {model['model_dir']} "
+                     f"--prompt 'a red circle moving right' --out sample.mp4")
     return "\n".join(lines)

@@ -100,3 +100,29 @@ def damaged_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         expected[name] = "unreadable"
     assert len(expected) == 14
     return root, expected
+
+
+def make_curated(workdir: Workdir, specs: list[tuple[str, int, int]], cfg: Config,
+                 name: str = "curated", caption: str = "a yellow square moving right {seed}"
+                 ) -> Path:
+    """A finished stage output of real H.264 clips (clip_id, seed, frames) with captions, as
+    merge writes it: what encode reads."""
+    import pandas as pd
+
+    from vidops.data.manifest import rejected_frame
+    from vidops.stage import StageContext, StageOutcome, run_stage
+
+    def body(ctx: StageContext) -> StageOutcome:
+        rows = []
+        for clip_id, seed, frames in specs:
+            make_clip(ctx.out_dir / "clips" / f"{clip_id}.mp4", seed=seed, frames=frames)
+            rows.append({"clip_id": clip_id, "source_sha256": f"{seed:064x}",
+                         "source_uri": f"file:///src/{clip_id}.mp4",
+                         "caption": caption.format(seed=seed),
+                         "duration_s": frames / 24, "fps": 24.0,
+                         "path": f"clips/{clip_id}.mp4"})
+        return StageOutcome(len(rows), pd.DataFrame(rows), rejected_frame([]), "fixture")
+
+    out = workdir.root / "data" / name
+    run_stage("fixture", body, cfg=cfg, workdir=workdir, out_dir=out, quiet=True)
+    return out

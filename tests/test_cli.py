@@ -33,7 +33,8 @@ def test_global_options_work_before_and_after_the_subcommand(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("argv", [["samples", "x", "--kind", "cats"], ["compile", "--out", "x"],
-                                  ["pretrain", "--data", "a", "--out", "b"]])
+                                  ["generate", "--prompt", "a red circle moving left"],
+                                  ["pretrain", "--nproc", "two"]])
 def test_bad_usage_exits_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -47,3 +48,11 @@ def test_a_stage_refuses_an_input_that_is_not_a_finished_stage_output(tmp_path: 
                  "--workdir", str(tmp_path / "w"), "--quiet"]) == 2
     assert "not a finished stage output" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_pretrain_refuses_data_that_is_not_an_encoded_dataset(tmp_path: Path, capsys) -> None:
+    (tmp_path / "half").mkdir()
+    assert main(["pretrain", "--data", str(tmp_path / "half"), "--out", str(tmp_path / "m"),
+                 "--workdir", str(tmp_path / "w"), "--quiet"]) == 2
+    assert "not a finished stage output" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -9,7 +9,7 @@ def test_defaults_profile_and_overrides_layer_in_order(tmp_path: Path) -> None:
     base = load_config()
     assert base.samples.counts.shapes == 48
     tiny = load_config("tiny")
-    assert tiny.samples.counts.shapes == 12  # profile over params.yaml
+    assert tiny.samples.counts.shapes == 96  # profile over params.yaml
     assert tiny.ingest.workers == base.ingest.workers  # untouched keys keep their defaults
     both = load_config("tiny", ["samples.counts.shapes=3", "ingest.default_license=CC-BY-4.0"])
     assert both.samples.counts.shapes == 3  # --set over the profile

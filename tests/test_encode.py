@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import make_clip
+from tests.conftest import make_curated
 from vidops.config import Config, load_config
 from vidops.data.latent_dataset import LatentDataset
-from vidops.data.manifest import rejected_frame
 from vidops.data.shards import write_shards
-from vidops.stage import StageContext, StageOutcome, load_output, run_stage
+from vidops.stage import load_output
 from vidops.stages.encode import run_encode, run_merge_encoded
 from vidops.tracking.workdir import Workdir
 
@@ -34,21 +32,7 @@ def _cfg(*extra: str) -> Config:
 
 
 def _curated(workdir: Workdir, specs: list[tuple[str, int, int]], name: str = "curated") -> Path:
-    """A finished stage output of clips (id, seed, frames) with captions, like merge's."""
-    def body(ctx: StageContext) -> StageOutcome:
-        rows = []
-        for clip_id, seed, frames in specs:
-            make_clip(ctx.out_dir / "clips" / f"{clip_id}.mp4", seed=seed, frames=frames)
-            rows.append({"clip_id": clip_id, "source_sha256": f"{seed:064x}",
-                         "source_uri": f"file:///src/{clip_id}.mp4",
-                         "caption": f"a yellow square moving right {seed}",
-                         "duration_s": frames / 24, "fps": 24.0,
-                         "path": f"clips/{clip_id}.mp4"})
-        return StageOutcome(len(rows), pd.DataFrame(rows), rejected_frame([]), "fixture")
-
-    out = workdir.root / "data" / name
-    run_stage("fixture", body, cfg=_cfg(), workdir=workdir, out_dir=out, quiet=True)
-    return out
+    return make_curated(workdir, specs, _cfg(), name)
 
 
 # "short" has 6 frames, fewer than encode.frames.

@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_STAGES = ["ingest", "filter", "annotate", "encode"]
 
 
-def _compiled(tmp_path: Path) -> dict:
-    return yaml.safe_load(compile_pipeline("curation", tmp_path / "curation.yaml").read_text())
+def _compiled(tmp_path: Path, name: str = "curation", *overrides: str) -> dict:
+    cfg = load_config(None, list(overrides))
+    return yaml.safe_load(compile_pipeline(name, tmp_path / f"{name}.yaml", cfg).read_text())
 
 
 def test_curation_pipeline_compiles_and_loads_back(tmp_path: Path) -> None:
@@ -49,6 +50,28 @@ def test_curation_pipeline_compiles_and_loads_back(tmp_path: Path) -> None:
         str(tmp_path / "curation.yaml")).name == "vidops-curation"
 
 
+def test_lifecycle_pipeline_trains_after_curation_with_cluster_resources(tmp_path: Path
+                                                                         ) -> None:
+    spec = _compiled(tmp_path, "lifecycle", "resources.pretrain.gpus=2",
+                     "resources.pretrain.accelerator=nvidia.com/gpu",
+                     "resources.pretrain.cpu=16", "resources.pretrain.memory=64G")
+    assert spec["pipelineInfo"]["name"] == "vidops-lifecycle"
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["pretrain"]["dependentTasks"] == ["merge-encoded"]
+    assert tasks["pretrain"]["cachingOptions"] == {}  # caching off: a training run is new
+    executor = spec["deploymentSpec"]["executors"]["exec-pretrain"]["container"]
+    assert executor["image"].startswith("ghcr.io/vidops/vidops-gpu")
+    resources = executor["resources"]
+    assert resources["accelerator"]["resourceCount"] == "2"
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert resources["resourceCpuLimit"] == "16" and resources["resourceMemoryLimit"] == "64G"
+
+    training = _compiled(tmp_path, "training")
+    assert set(training["root"]["inputDefinitions"]["parameters"]) >= {"curated_dir"}
+    assert {"merge-encoded", "pretrain"} <= set(training["root"]["dag"]["tasks"])
+    assert training["root"]["dag"]["tasks"]["pretrain"]["dependentTasks"] == ["merge-encoded"]
+
+
 def test_dvc_yaml_runs_the_same_stages_as_the_kfp_dag(tmp_path: Path) -> None:
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     stages = dvc["stages"]
@@ -73,6 +96,8 @@ def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "vidops.cli", "run", "--config", "tiny", "--workdir", str(work),
          "--set", "samples.counts.shapes=4", "--set", "models.vae.bootstrap.steps=20",
+         "--set", "train.steps=4", "--set", "train.batch_size=2", "--set",
+         "train.sample_prompts=[a red circle moving left]", "--set", "generate.steps=2",
          "--quiet"],
         capture_output=True, text=True, timeout=900,
     )
@@ -111,13 +136,24 @@ def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
     assert len([s for s in summary["stages"] if s["stage"] == "encode"]) == 2
     assert encoded[0]["latents"].ndim == 4
 
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
-    client = MlflowClient()
+    # An explicit client: mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI to every
+    # later test in this process.
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED"
     for stage in summary["stages"]:
         child = client.get_run(stage["mlflow_run_id"])
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert (work / ".dvc").is_dir() and (work / "datasets" / "curated.dvc").is_file()
+
+    # ... then training: the model it trained on the encoded dataset, reported by the run.
+    model = summary["model"]
+    assert model["model_dir"] == str(work / "models" / "pretrain") and model["steps"] == 4
+    assert f"model: {model['model_dir']}" in proc.stdout
+    assert model["data_dir"] == str(work / "data" / "encoded")
+    pretrain_run = client.get_run(model["mlflow_run_id"])
+    assert pretrain_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(model["mlflow_run_id"], "samples")}
+    assert artifacts == {"samples/step-00000004"}  # the sample videos of the final step
+    card = json.loads((work / "models" / "pretrain" / "vidops_model.json").read_text())
+    assert card["data"]["clips"] == len(curated)

@@ -91,14 +91,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="in_dirs", type=Path, nargs="+", required=True)
     p.add_argument("--out", type=Path, default=None, help="default <workdir>/data/encoded")
 
+    p = sub.add_parser("pretrain", parents=[common],
+                       help="train a Latte diffusion transformer from scratch on latents")
+    p.add_argument("--data", type=Path, default=None,
+                   help="an encoded dataset (default <workdir>/data/encoded)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the model folder (default <workdir>/models/pretrain)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_const", const="require",
+                        default="auto", help="continue from the latest checkpoint in --out "
+                        "(the default whenever one exists); an error if there is none")
+    resume.add_argument("--no-resume", dest="resume", action="store_const", const="never",
+                        help="start afresh, deleting earlier checkpoints in --out")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine: DDP under torchrun (gloo on CPU)")
+
+    p = sub.add_parser("generate", parents=[common], help="text to video with a trained model")
+    p.add_argument("--model", required=True,
+                   help="a model folder or an MLflow model URI (models:/vidgen@champion)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", type=Path, required=True, help="the MP4 to write")
+    p.add_argument("--seed", type=int, default=None, help="default: the config's seed")
+    p.add_argument("--steps", type=int, default=None, help="default: generate.steps")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: generate.guidance_scale)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--sampler", choices=["ddim", "dpm", "euler"], default=None)
+    p.add_argument("--gif", action="store_true", help="also write an animated GIF")
+
     p = sub.add_parser("run", parents=[common],
                        help="run the pipeline locally through kfp.local")
     p.add_argument("--source", dest="sources", nargs="+", action="extend", default=[],
                    metavar="URI", help="default: the sample corpus")
-    p.add_argument("--pipeline", default="curation", choices=["curation"])
+    p.add_argument("--pipeline", default="lifecycle",
+                   choices=["lifecycle", "curation", "training"],
+                   help="lifecycle (default): curation then training; training starts from a "
+                   "curated dataset (--data)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="training pipeline: the curated dataset (default <workdir>/data/curated)")
 
     p = sub.add_parser("compile", parents=[common], help="compile a pipeline to KFP YAML")
-    p.add_argument("--pipeline", required=True, choices=["curation"])
+    p.add_argument("--pipeline", required=True, choices=["lifecycle", "curation", "training"])
     p.add_argument("--out", type=Path, required=True)
     return parser
 
@@ -144,18 +177,25 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "compile":
         from vidops.pipelines.compile import compile_pipeline
 
-        print(f"wrote {compile_pipeline(args.pipeline, args.out)}")
+        print(f"wrote {compile_pipeline(args.pipeline, args.out, cfg)}")
         return EXIT_OK
 
     workdir = Workdir.at(args.workdir)
     if args.command in ("ingest", "filter", "annotate", "merge", "encode", "merge-encoded"):
         return _run_data_stage(args, cfg, workdir)
 
+    if args.command == "pretrain":
+        return _pretrain(args, cfg, workdir)
+
+    if args.command == "generate":
+        return _generate(args, cfg, workdir)
+
     if args.command == "run":
         from vidops.pipelines.local import PipelineFailed, run_local, summary_table
 
         try:
-            summary = run_local(args.pipeline, cfg, workdir, args.sources, quiet=args.quiet)
+            summary = run_local(args.pipeline, cfg, workdir, args.sources, quiet=args.quiet,
+                                curated_dir=args.data)
         except PipelineFailed as exc:
             print(f"vidops: {exc}", file=sys.stderr)
             print(f"see {workdir.run_summary}", file=sys.stderr)
@@ -163,6 +203,80 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         print(summary_table(summary))
         return EXIT_OK
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _torchrun(nproc: int) -> int:
+    """Run this very command again under torchrun with `nproc` processes on this machine."""
+    import os
+    import subprocess
+
+    argv = sys.argv[1:]
+    cleaned, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if item.startswith("--nproc="):
+            continue
+        cleaned.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "vidops.cli", *cleaned]
+    env = dict(os.environ)
+    # torchrun would otherwise pin every rank to one thread with a warning; split the cores.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(command, env=env)
+
+
+def _pretrain(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
+    import os
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc)
+    from vidops.stages.pretrain import pretrain
+    from vidops.train.loop import TrainError
+
+    try:
+        summary = pretrain(args.data or workdir.stage_dir("encoded"),
+                           args.out or workdir.root / "models" / "pretrain", cfg=cfg,
+                           workdir=workdir, resume=args.resume, quiet=args.quiet)
+    except (TrainError, FileNotFoundError, ValueError) as exc:
+        print(f"vidops: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if summary:  # rank 0
+        print(json.dumps({k: summary[k] for k in (
+            "model_dir", "steps", "resumed_from", "final_loss", "seconds", "world_size",
+            "ranks_agree", "mlflow_run_id")}, indent=2))
+    return EXIT_OK
+
+
+def _generate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
+    from vidops.models.folder import ModelFolderError, load_model_folder, resolve_model
+    from vidops.models.sampling import generate, save_video
+    from vidops.tracking import mlflow_runs
+
+    gen = cfg.generate
+    try:
+        if str(args.model).startswith(("models:/", "runs:/")):
+            mlflow_runs.configure(cfg, workdir)
+        model = load_model_folder(resolve_model(args.model, workdir.root / "downloads"))
+        videos = generate(model, [args.prompt], seed=cfg.seed if args.seed is None else args.seed,
+                          steps=args.steps or gen.steps,
+                          guidance_scale=(gen.guidance_scale if args.guidance is None
+                                          else args.guidance),
+                          sampler=args.sampler or gen.sampler,
+                          negative_prompt=(gen.negative_prompt if args.negative_prompt is None
+                                           else args.negative_prompt))
+    except (ModelFolderError, FileNotFoundError, ValueError) as exc:
+        print(f"vidops: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    written = save_video(videos[0], args.out, model.fps, gif=args.gif or gen.gif)
+    frames, height, width = videos.shape[1:4]
+    print(json.dumps({"out": [str(p) for p in written], "frames": int(frames),
+                      "height": int(height), "width": int(width), "fps": model.fps}))
+    return EXIT_OK
 
 
 def _run_data_stage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:

@@ -116,6 +116,7 @@ class ImagesConfig(_Strict):
 
 class VaeBootstrapConfig(_Strict):
     size: Literal["tiny", "small"]
+    temporal_ratio: Literal[1, 2, 4]
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
@@ -136,6 +137,7 @@ class TextEncoderConfig(_Strict):
 class TransformerConfig(_Strict):
     arch: Literal["latte", "cogvideox"]
     size: Literal["tiny", "S", "B", "L", "XL"]
+    patch_size: int = Field(ge=1)
     path: str | None
 
 
@@ -156,6 +158,55 @@ class EncodeConfig(_Strict):
     device: str
 
 
+class TrainConfig(_Strict):
+    objective: Literal["epsilon", "v_prediction", "flow_matching"]
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+    num_train_timesteps: int = Field(ge=1)
+    min_snr_gamma: float | None = Field(gt=0)
+    caption_dropout: float = Field(ge=0, le=1)
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    grad_accumulation: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    adam_betas: tuple[float, float]
+    warmup_steps: int = Field(ge=0)
+    lr_schedule: Literal["cosine", "constant"]
+    min_lr_ratio: float = Field(ge=0, le=1)
+    max_grad_norm: float = Field(gt=0)
+    ema_decay: float = Field(ge=0, lt=1)
+    mixed_precision: Literal["no", "bf16", "fp16"]
+    tf32: bool
+    gradient_checkpointing: bool
+    device: str
+    checkpoint_every: int = Field(ge=1)
+    keep_checkpoints: int = Field(ge=1)
+    log_every: int = Field(ge=1)
+    sample_every: int = Field(ge=0)
+    sample_prompts: list[str]
+
+
+class GenerateConfig(_Strict):
+    sampler: Literal["ddim", "dpm", "euler"]
+    steps: int = Field(ge=1)
+    guidance_scale: float = Field(ge=0)
+    negative_prompt: str
+    gif: bool
+
+
+class TaskResources(_Strict):
+    # Kubernetes quantities: `cpu: 16` or `cpu: "500m"`, `memory: 32G` alike.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+    cpu: str
+    memory: str
+    accelerator: str | None
+    gpus: int = Field(ge=0)
+
+
+class ResourcesConfig(_Strict):
+    pretrain: TaskResources
+
+
 class Config(_Strict):
     seed: int
     tracking: TrackingConfig
@@ -168,6 +219,9 @@ class Config(_Strict):
     curation: CurationConfig
     models: ModelsConfig
     encode: EncodeConfig
+    train: TrainConfig
+    generate: GenerateConfig
+    resources: ResourcesConfig
     pipeline: PipelineConfig
     images: ImagesConfig
 

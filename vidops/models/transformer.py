@@ -120,6 +120,7 @@ def build_cogvideox(
     latent_frames: int = 13,
     latent_hw: tuple[int, int] = (60, 90),
     temporal_ratio: int = 4,
+    patch_size: int = 2,
 ) -> CogVideoXTransformer3DModel:
     """CogVideoX from a path or hub id (its transformer/ subfolder), or a tiny random one.
 
@@ -137,7 +138,7 @@ def build_cogvideox(
         num_attention_heads=2, attention_head_dim=32, in_channels=in_channels,
         out_channels=in_channels, time_embed_dim=64, text_embed_dim=text_dim, num_layers=2,
         sample_height=latent_hw[0], sample_width=latent_hw[1],
-        sample_frames=(latent_frames - 1) * temporal_ratio + 1, patch_size=2,
+        sample_frames=(latent_frames - 1) * temporal_ratio + 1, patch_size=patch_size,
         temporal_compression_ratio=temporal_ratio, max_text_seq_length=text_len)
 
 
@@ -155,14 +156,50 @@ def build_transformer(
         return build_cogvideox(
             spec.path, tiny=spec.size == "tiny", in_channels=latent_channels, text_dim=text_dim,
             text_len=cfg.models.text_encoder.max_length, latent_frames=latent_frames,
-            latent_hw=latent_hw)
+            latent_hw=latent_hw, patch_size=spec.patch_size)
     if spec.path is not None:
         return _from_pretrained(LatteTransformer3DModel, spec.path, {
             "in_channels": latent_channels, "caption_channels": text_dim,
             "video_length": latent_frames})
     return build_latte(spec.size, in_channels=latent_channels, sample_size=latent_hw,
-                       num_frames=latent_frames, text_dim=text_dim)
+                       num_frames=latent_frames, text_dim=text_dim, patch_size=spec.patch_size)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+class Denoiser(torch.nn.Module):
+    """One calling convention over Latte and CogVideoX, for the training loop and samplers:
+    latents [B, C, F, H, W], timesteps [B] (float), text [B, L, D] and its mask [B, L]
+    -> the prediction, shaped like the latents.
+
+    Latte takes channels before frames and a text mask (as a per-frame bias); CogVideoX takes
+    frames before channels and attends over the padded text as its authors trained it.
+    """
+
+    def __init__(self, transformer: LatteTransformer3DModel | CogVideoXTransformer3DModel
+                 ) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.is_latte = isinstance(transformer, LatteTransformer3DModel)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        channels = latents.shape[1]
+        if self.is_latte:
+            out = self.transformer(latents, timestep=timesteps, encoder_hidden_states=text,
+                                   encoder_attention_mask=latte_mask_bias(mask, latents.shape[2]),
+                                   return_dict=False)[0]
+            # A learn_sigma Latte (LattePipeline's layout) also predicts a variance: dropped.
+            return out[:, :channels]
+        out = self.transformer(latents.permute(0, 2, 1, 3, 4), text, timesteps,
+                               return_dict=False)[0]
+        return out.permute(0, 2, 1, 3, 4)[:, :channels]
+
+    def tokens_per_sample(self, latent_shape: torch.Size | tuple[int, ...]) -> int:
+        """Video tokens the transformer sees for one latent [C, F, H, W]."""
+        _, frames, height, width = latent_shape
+        patch = int(self.transformer.config.patch_size)
+        patch_t = int(getattr(self.transformer.config, "patch_size_t", None) or 1)
+        return (frames // patch_t) * (height // patch) * (width // patch)

@@ -95,12 +95,16 @@ def stage_run(
         tags={"vidops.stage": stage},
         log_system_metrics=False,
     ) as run:
-        params = {
-            key: (str(value)[: _PARAM_MAX - 3] + "...") if len(str(value)) > _PARAM_MAX else value
-            for key, value in cfg.flat().items()
-        }
-        mlflow.log_params(params)
+        log_params(cfg)
         yield run
+
+
+def log_params(cfg: Config) -> None:
+    """The resolved configuration as params of the active run (long values truncated)."""
+    mlflow.log_params({
+        key: (str(value)[: _PARAM_MAX - 3] + "...") if len(str(value)) > _PARAM_MAX else value
+        for key, value in cfg.flat().items()
+    })
 
 
 def log_dataset(
@@ -115,10 +119,12 @@ def log_dataset(
         mlflow.log_input(dataset, context=context)
 
 
-def log_file(path: Path) -> None:
-    """Log a file, or a directory under its own name, as artifacts of the active run."""
+def log_file(path: Path, artifact_path: str | None = None) -> None:
+    """Log a file, or a directory under its own name, as artifacts of the active run (under
+    `artifact_path` when given)."""
     path = Path(path)
     if path.is_dir():
-        mlflow.log_artifacts(str(path), artifact_path=path.name)
+        where = f"{artifact_path}/{path.name}" if artifact_path else path.name
+        mlflow.log_artifacts(str(path), artifact_path=where)
     else:
-        mlflow.log_artifact(str(path))
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)

@@ -1,0 +1,1 @@
+"""Video metrics, prompt adherence and reports."""

@@ -1,0 +1,1 @@
+"""The training loop of pretrain and fine-tune: objectives, EMA, checkpoints, DDP."""
