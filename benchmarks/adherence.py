@@ -34,7 +34,8 @@ from vidops.tracking.workdir import Workdir
 SETTINGS: dict[str, list[str]] = {
     "tiny profile": [],
     "short window (stride 2)": ["encode.stride=2"],
-    "epsilon objective": ["train.objective=epsilon"],
+    "patch 2 (4x the tokens)": ["models.transformer.patch_size=2"],
+    "min-SNR 5": ["train.min_snr_gamma=5.0"],
     "v-prediction": ["train.objective=v_prediction"],
     "flow matching": ["train.objective=flow_matching", "generate.sampler=euler"],
     "lr 3e-4": ["train.learning_rate=3e-4"],
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=300.0,
                         help="training seconds per setting")
     parser.add_argument("--clips", type=int, default=96, help="shapes clips to curate")
-    parser.add_argument("--dir", type=Path, default=Path("bench-work/adherence"))
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/vidops-bench-adherence"))
     parser.add_argument("--only", nargs="*", default=None, help="setting names to run")
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         help="an override applied to every setting")
