@@ -33,15 +33,16 @@ from vidops.tracking.workdir import Workdir
 # name -> overrides of the tiny profile. The question each asks is in its name.
 SETTINGS: dict[str, list[str]] = {
     "tiny profile": [],
+    "plain Latte (no caption layout)": ["models.transformer.caption_layout_rank=0"],
     "short window (stride 2)": ["encode.stride=2"],
-    "patch 2 (4x the tokens)": ["models.transformer.patch_size=2"],
-    "min-SNR 5": ["train.min_snr_gamma=5.0"],
-    "v-prediction": ["train.objective=v_prediction"],
-    "flow matching": ["train.objective=flow_matching", "generate.sampler=euler"],
+    "epsilon, no min-SNR": ["train.objective=epsilon", "train.min_snr_gamma=null"],
+    "flow matching": ["train.objective=flow_matching", "train.min_snr_gamma=null",
+                      "generate.sampler=euler"],
     "lr 3e-4": ["train.learning_rate=3e-4"],
     "guidance 2": ["generate.guidance_scale=2.0"],
     "guidance 8": ["generate.guidance_scale=8.0"],
-    "cogvideox (text in every attention)": ["models.transformer.arch=cogvideox"],
+    "cogvideox (text in every attention)": ["models.transformer.arch=cogvideox",
+                                            "models.transformer.caption_layout_rank=0"],
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 from pathlib import Path
 
@@ -15,7 +16,10 @@ from vidops.data.samples import write_samples
 from vidops.models import (
     LATTE_SIZES,
     BootstrapResult,
+    CaptionLayout,
+    Denoiser,
     TextEncoder,
+    build_caption_layout,
     build_cogvideox,
     build_latte,
     build_transformer,
@@ -109,6 +113,42 @@ def test_tiny_latte_forward_and_text_mask() -> None:
                       encoder_attention_mask=latte_mask_bias(mask, 3)).sample
     assert out.shape == latents.shape
     torch.testing.assert_close(out, again)
+
+
+def test_caption_layout_places_content_per_caption_and_frame(tmp_path: Path) -> None:
+    """A fresh CaptionLayout leaves Latte unchanged; trained maps make the output depend on
+    the caption frame by frame; it saves and loads with diffusers' own mechanism."""
+    torch.manual_seed(0)
+    cfg = load_config("tiny", ["models.transformer.caption_layout_rank=4",
+                               "models.transformer.patch_size=2"])
+    latte = build_transformer(cfg, latent_channels=4, latent_frames=3, latent_hw=(8, 8),
+                              text_dim=32)
+    layout = build_caption_layout(cfg, latte, latent_frames=3, latent_hw=(8, 8), text_dim=32)
+    assert isinstance(layout, CaptionLayout)
+    assert tuple(layout.maps.shape) == (4, 3, 16, 128)  # rank, frames, 4x4 tokens, hidden
+    latents, t = torch.randn(2, 4, 3, 8, 8), torch.tensor([10.0, 900.0])
+    text, mask = torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.long)
+    plain = Denoiser(copy.deepcopy(latte))  # before the layout hooks into `latte`
+    with_layout = Denoiser(latte, layout)
+    with torch.no_grad():
+        torch.testing.assert_close(with_layout(latents, t, text, mask),
+                                   plain(latents, t, text, mask))
+        layout.maps.normal_()
+        assert not torch.allclose(with_layout(latents, t, text, mask),
+                                  plain(latents, t, text, mask))
+    # A map per frame: the first frame's embedding differs from the last one's.
+    assert not torch.allclose(layout(text, mask)[:, 0], layout(text, mask)[:, -1])
+    layout.save_pretrained(tmp_path / "layout")
+    loaded = CaptionLayout.from_pretrained(tmp_path / "layout")
+    torch.testing.assert_close(loaded(text, mask), layout(text, mask))
+    with torch.no_grad(), pytest.raises(ValueError, match="16 tokens a frame"):
+        with_layout(torch.randn(1, 4, 3, 16, 16), t[:1], text[:1], mask[:1])
+    cog = load_config("tiny", ["models.transformer.arch=cogvideox",
+                               "models.transformer.caption_layout_rank=4"])
+    cogvideox = build_transformer(cog, latent_channels=4, latent_frames=3, latent_hw=(8, 8),
+                                  text_dim=32)
+    with pytest.raises(ValueError, match="Latte only"):
+        build_caption_layout(cog, cogvideox, latent_frames=3, latent_hw=(8, 8), text_dim=32)
 
 
 def test_tiny_cogvideox_and_dispatch(cfg: Config, tmp_path: Path) -> None:

@@ -152,6 +152,13 @@ def test_shapes_clip_decodes_with_spec_colour_and_motion(shapes, index: int) -> 
     ]
     assert 0.30 * 128 <= along <= 0.65 * 128, (direction, dx, dy)
     assert abs(across) < 2
+    # The caption says where the shape is: it enters from the side opposite its direction and
+    # keeps to a lane near the middle of the frame (a triangle's centroid sits up to 6 px below
+    # its centre).
+    x0, y0 = centroid(masks[0])
+    entry = {"left": x0 - 64, "right": 64 - x0, "up": y0 - 64, "down": 64 - y0}[direction]
+    lane = y0 - 64 if direction in ("left", "right") else x0 - 64
+    assert entry > 0.15 * 128 and abs(lane) <= 0.15 * 128 + 7, (direction, x0, y0)
 
 
 def test_shapes_finetune_only_purple_with_its_holdout(tmp_path: Path) -> None:

@@ -182,6 +182,8 @@ def test_model_folder_generates_a_playable_mp4_and_records_lineage(
     assert (out / "transformer" / "config.json").is_file()
     assert (out / "scheduler" / "scheduler_config.json").is_file()
     assert (out / "vae" / "config.json").is_file()
+    # The profile's CaptionLayout travels with its Latte.
+    assert (out / "layout" / "config.json").is_file()
 
     run = MlflowClient(tracking_uri=f"sqlite:///{workdir.mlflow_db}").get_run(
         summary["mlflow_run_id"])
@@ -201,6 +203,7 @@ def test_model_folder_generates_a_playable_mp4_and_records_lineage(
 
     # The same seed gives the same video, in-process too.
     model = load_model_folder(out)
+    assert model.denoiser.layout is not None and model.denoiser.layout.maps.abs().sum() > 0
     a = generate(model, ["a red circle moving left"], seed=1, steps=2, guidance_scale=3.0,
                  sampler="ddim")
     b = generate(model, ["a red circle moving left"], seed=1, steps=2, guidance_scale=3.0,

@@ -138,6 +138,7 @@ class TransformerConfig(_Strict):
     arch: Literal["latte", "cogvideox"]
     size: Literal["tiny", "S", "B", "L", "XL"]
     patch_size: int = Field(ge=1)
+    caption_layout_rank: int = Field(ge=0)
     path: str | None
 
 

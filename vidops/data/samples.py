@@ -94,6 +94,9 @@ _DEFAULT_COUNTS = {"shapes": 48, "shapes-finetune": 12, "photos": 8}
 SHAPES_SIZE = 128
 SHAPES_FPS = 24
 SHAPES_FRAMES = 72
+# Fraction of the frame a shape travels in a clip, and the central band its lane lies in.
+SHAPES_TRAVEL = (0.55, 0.62)
+SHAPES_LANE = 0.3
 PHOTOS_WIDTH, PHOTOS_HEIGHT = 256, 192
 PHOTOS_FPS = 24
 
@@ -226,12 +229,19 @@ def _shape_clip(
     size_range: tuple[int, int] = (26, 36),
     margin: int = _EDGE_MARGIN,
 ) -> _ShapeClip:
-    """Random size, speed and start for one clip, chosen so the shape stays inside the frame."""
+    """Random size, lane and start for one clip, chosen so the shape stays inside the frame.
+
+    A shape crosses most of the frame (SHAPES_TRAVEL of it) from the side its caption implies,
+    in a lane near the middle (SHAPES_LANE): "moving left" then says where the shape is in
+    every frame, not only how it moves. With starts and lanes anywhere, a caption's direction
+    explained about 5 % of the pixel variance of its clips (colour 6 %) and the demo model
+    never learned it; crossing the frame near the middle it explains about a quarter.
+    """
     colour, shape, direction = combo
     size = int(rng.integers(size_range[0], size_range[1] + 1))
     dx, dy = _STEP[direction]
     axis_len = width if dx else height
-    displacement = float(rng.uniform(0.35, 0.60)) * axis_len
+    displacement = float(rng.uniform(*SHAPES_TRAVEL)) * axis_len
     # +1: rasterising a shape centred at c with extent `size` can touch pixel c +/- size/2.
     half = size / 2 + 1 + margin
     centre = []
@@ -241,6 +251,9 @@ def _shape_clip(
             hi -= displacement
         elif step < 0:
             lo += displacement
+        else:
+            lo = max(lo, length * (1 - SHAPES_LANE) / 2)
+            hi = min(hi, length * (1 + SHAPES_LANE) / 2)
         if hi < lo:
             raise ValueError(
                 f"a {size}px shape moving {displacement:.0f}px does not fit {length}px"

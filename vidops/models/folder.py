@@ -4,6 +4,7 @@ A diffusers-style layout, so the parts load with diffusers' own `from_pretrained
 
     model_index.json            the components and their classes
     transformer/                the denoiser (EMA weights), config.json + safetensors
+    layout/                     vidops' CaptionLayout for that Latte, when it has one
     scheduler/                  the training noise schedule and objective
     vae/                        a bootstrapped VAE (copied: it is small and data-specific);
                                 a VAE from a path or hub id is referenced in the card instead
@@ -32,7 +33,7 @@ from safetensors.torch import load_file
 
 from vidops.media.files import link_or_copy
 from vidops.models.text import TextEncoder
-from vidops.models.transformer import Denoiser
+from vidops.models.transformer import CaptionLayout, Denoiser
 from vidops.models.vae import load_vae
 
 CARD = "vidops_model.json"
@@ -56,7 +57,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
 def write_model_folder(
     out: Path,
     *,
-    transformer: torch.nn.Module,
+    denoiser: Denoiser,
     scheduler_config: dict[str, Any],
     empty_caption: Path,
     card: dict[str, Any],
@@ -64,9 +65,12 @@ def write_model_folder(
 ) -> Path:
     """Write the folder at `out` (replacing any earlier model files; other files stay)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("transformer", "scheduler", "vae"):
+    for name in ("transformer", "layout", "scheduler", "vae"):
         shutil.rmtree(out / name, ignore_errors=True)
+    transformer = denoiser.transformer
     transformer.save_pretrained(out / "transformer")
+    if denoiser.layout is not None:
+        denoiser.layout.save_pretrained(out / "layout")
     scheduler_dir = out / "scheduler"
     scheduler_dir.mkdir()
     (scheduler_dir / "scheduler_config.json").write_text(
@@ -77,6 +81,8 @@ def write_model_folder(
     index = {"_class_name": "VidopsTextToVideo", "_diffusers_version": diffusers.__version__,
              "transformer": ["diffusers", type(transformer).__name__],
              "scheduler": ["diffusers", scheduler_config.get("_class_name", "DDPMScheduler")]}
+    if denoiser.layout is not None:
+        index["layout"] = ["vidops", type(denoiser.layout).__name__]
     if vae_dir is not None:
         index["vae"] = ["diffusers", "AutoencoderKLCogVideoX"]
     (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -184,6 +190,7 @@ def load_model_folder(path: Path, device: str | torch.device = "cpu") -> LoadedM
             f"{text.identity}, the model was trained with {text_ref['identity']}")
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     empty = load_file(str(path / EMPTY_CAPTION))
-    denoiser = Denoiser(transformer).to(device).eval().requires_grad_(False)
+    layout = CaptionLayout.from_pretrained(path / "layout") if "layout" in index else None
+    denoiser = Denoiser(transformer, layout).to(device).eval().requires_grad_(False)
     return LoadedModel(path, card, denoiser, vae.to(device).eval().requires_grad_(False), text,
                        empty, scheduler_config, device)

@@ -27,7 +27,12 @@ from vidops.data.latent_cache import EMPTY_CAPTION
 from vidops.data.latent_dataset import LatentDataset
 from vidops.models.folder import write_model_folder
 from vidops.models.sampling import decode_latents, sample_latents, save_video
-from vidops.models.transformer import Denoiser, build_transformer, count_parameters
+from vidops.models.transformer import (
+    Denoiser,
+    build_caption_layout,
+    build_transformer,
+    count_parameters,
+)
 from vidops.models.vae import load_vae
 from vidops.stage import StageError, digest_of, load_output
 from vidops.tracking import dvc as dvc_tracking
@@ -123,7 +128,9 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: Config, workdir: Workdir, dist
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every re-run
     transformer = build_transformer(cfg, latent_channels=channels, latent_frames=frames,
                                     latent_hw=(height, width), text_dim=int(text_info["dim"]))
-    denoiser = Denoiser(transformer)
+    layout = build_caption_layout(cfg, transformer, latent_frames=frames,
+                                  latent_hw=(height, width), text_dim=int(text_info["dim"]))
+    denoiser = Denoiser(transformer, layout)
     objective = Objective.from_config(cfg.train)
     train_settings = {k: v for k, v in cfg.train.model_dump(mode="json").items()
                       if k not in _COSMETIC}
@@ -150,7 +157,7 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: Config, workdir: Workdir, dist
                                tags={"vidops.stage": "pretrain"}, log_system_metrics=False)
         mlflow_runs.log_params(cfg)
         mlflow.log_params({"world_size": dist.world_size,
-                           "parameters": count_parameters(transformer),
+                           "parameters": count_parameters(denoiser),
                            "latent_shape": "x".join(map(str, latent_shape))})
         mlflow_runs.log_dataset(manifest, name=data_dir.name, digest=info["dvc"]["md5"],
                                 source=dvc_tracking.DatasetVersion(**info["dvc"]).object_uri,
@@ -177,7 +184,7 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: Config, workdir: Workdir, dist
                 "name": cfg.tracking.registered_model, "kind": "pretrain",
                 "arch": cfg.models.transformer.arch, "size": cfg.models.transformer.size,
                 "objective": cfg.train.objective,
-                "parameters": count_parameters(transformer),
+                "parameters": count_parameters(denoiser),
                 "latent": {"shape": latent_shape, "scale": scale},
                 "video": video,
                 "text_encoder": {"name": text_info["identity"].split("@")[0],
@@ -195,7 +202,7 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: Config, workdir: Workdir, dist
                 "code_version": code_version(),
                 "created_at": datetime.now(timezone.utc).isoformat(),
             }
-            write_model_folder(out_dir, transformer=trainer.final_model().transformer,
+            write_model_folder(out_dir, denoiser=trainer.final_model(),
                                scheduler_config=objective.scheduler_config(),
                                empty_caption=data_dir / EMPTY_CAPTION, card=card, vae_dir=vae_dir)
             summary = {
