@@ -151,6 +151,21 @@ def test_caption_layout_places_content_per_caption_and_frame(tmp_path: Path) -> 
         build_caption_layout(cog, cogvideox, latent_frames=3, latent_hw=(8, 8), text_dim=32)
 
 
+def test_bootstrap_loss_weights_small_subjects_up() -> None:
+    """With foreground_weight, an error on a small subject costs more than the same error on
+    its plain background; at 0 the loss is plain MSE."""
+    target = -torch.ones(1, 3, 2, 16, 16)  # black
+    target[:, 1, :, 6:10, 6:10] = 0.8  # a small green square
+    on_subject, on_background = target.clone(), target.clone()
+    on_subject[:, :, :, 7, 7] += 0.5
+    on_background[:, :, :, 0, 0] += 0.5
+    loss = vae_module._reconstruction_loss
+    torch.testing.assert_close(loss(on_subject, target, 0.0), loss(on_background, target, 0.0))
+    torch.testing.assert_close(loss(on_subject, target, 0.0),
+                               torch.nn.functional.mse_loss(on_subject, target))
+    assert loss(on_subject, target, 10.0) > 5 * loss(on_background, target, 10.0)
+
+
 def test_tiny_cogvideox_and_dispatch(cfg: Config, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_cogvideox(in_channels=4, text_dim=32, text_len=8, latent_frames=3,

@@ -121,6 +121,7 @@ class VaeBootstrapConfig(_Strict):
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
     kl_weight: float = Field(ge=0)
+    foreground_weight: float = Field(ge=0)
     holdout_clips: int = Field(ge=1)
 
 

@@ -305,7 +305,8 @@ def bootstrap_vae(
             # diffusion model learns to generate: sampling here only slowed it down (colours
             # came later). KL only bounds the latents.
             recon = vae.decode(posterior.mode()).sample
-            loss = F.mse_loss(recon, batch) + boot.kl_weight * posterior.kl().mean()
+            loss = (_reconstruction_loss(recon, batch, boot.foreground_weight)
+                    + boot.kl_weight * posterior.kl().mean())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -334,6 +335,21 @@ def bootstrap_vae(
     record["settings"] = cfg.models.vae.bootstrap.model_dump()
     (out_dir / BOOTSTRAP_JSON).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return result
+
+
+def _reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, foreground_weight: float
+                         ) -> torch.Tensor:
+    """MSE, optionally weighted up where a pixel differs from its frame's median colour: a
+    small subject on a plain background is otherwise a few percent of the loss, and its
+    colour is what goes wrong first (on the shapes corpus, green decoded as blue in 12 of 24
+    clips with plain MSE, 0 of 24 with weight 10)."""
+    if foreground_weight == 0:
+        return F.mse_loss(recon, target)
+    background = target.flatten(3).median(dim=3).values[..., None, None]  # [B, C, F, 1, 1]
+    # Colours lie in [-1, 1]: the largest channel difference, halved, is in [0, 1].
+    salience = (target - background).abs().amax(dim=1, keepdim=True) / 2
+    weight = 1 + foreground_weight * salience
+    return (weight * (recon - target) ** 2).mean() / weight.mean()
 
 
 def _train_crop(height: int, width: int, ratio: int) -> tuple[int, int]:
