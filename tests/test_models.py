@@ -144,7 +144,7 @@ def test_caption_layout_places_content_per_caption_and_frame(tmp_path: Path) -> 
     layout.save_pretrained(tmp_path / "layout")
     loaded = CaptionLayout.from_pretrained(tmp_path / "layout")
     torch.testing.assert_close(loaded(text, mask), layout(text, mask))
-    with torch.no_grad(), pytest.raises(ValueError, match="16 tokens a frame"):
+    with torch.no_grad(), pytest.raises(ValueError, match="3 frames of 16 tokens"):
         with_layout(torch.randn(1, 4, 3, 16, 16), t[:1], text[:1], mask[:1])
     cog = load_config("tiny", ["models.transformer.arch=cogvideox",
                                "models.transformer.caption_layout_rank=4"])

@@ -173,7 +173,8 @@ class CaptionLayout(ModelMixin, ConfigMixin):
     spatial blocks' cross-attention, one frame at a time. A motion word must then be combined
     with the frame index and the position deep inside the network, and on the shapes corpus
     it never was within a CPU budget: direction-swapped captions scored the same loss as the
-    true ones, while colour (one value for the whole clip) was learned (benchmarks.adherence).
+    true ones, while colour (one value for the whole clip) was learned (README, "The tiny
+    profile").
     This embedding lets the caption say where content sits in each frame: `rank` learned
     maps over (frame, token, channel), mixed with weights from the pooled caption. The maps
     start at zero, so a fresh model starts as plain Latte.
@@ -241,9 +242,11 @@ class Denoiser(torch.nn.Module):
         layout = self._layout_tokens
         if layout is None:
             raise RuntimeError("this Latte has a CaptionLayout: call it through its Denoiser")
-        if layout.shape[2] != tokens.shape[1]:
-            raise ValueError(f"CaptionLayout has {layout.shape[2]} tokens a frame, the latents "
-                             f"give {tokens.shape[1]}: it fits one latent size only")
+        frames = tokens.shape[0] // layout.shape[0]
+        if layout.shape[1:3] != (frames, tokens.shape[1]):
+            raise ValueError(f"CaptionLayout has {layout.shape[1]} frames of {layout.shape[2]} "
+                             f"tokens, the latents give {frames} of {tokens.shape[1]}: it fits "
+                             "one latent size only")
         return tokens + layout.flatten(0, 1).to(tokens.dtype)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
