@@ -24,19 +24,37 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
-from vidops.config import load_config
-from vidops.models.transformer import LATTE_SIZES, Denoiser, build_latte
+from vidops.config import Config, load_config
+from vidops.models.frames import latent_frames
+from vidops.models.transformer import LATTE_SIZES, Denoiser, build_denoiser
+from vidops.models.vae import VAE_SIZES, spatial_ratio, vae_config
 
-LATENT = (4, 5, 16, 16)  # the tiny profile: 5 frames at 64x64 through its 4x (spatial) VAE
-TEXT = (32, 384)  # all-MiniLM-L6-v2 at max_length 32
-# tiny at the tiny profile's patch size; S at the Latte paper's.
-PATCH = {"tiny": load_config("tiny").models.transformer.patch_size, "S": 2}
+TEXT_DIM = 384  # all-MiniLM-L6-v2, the default text encoder
+# tiny as the tiny profile builds it (its patch size and CaptionLayout); S at the Latte
+# paper's patch size, on the same latents.
+PROFILES: dict[str, Config] = {
+    "tiny": load_config("tiny"),
+    "S": load_config("tiny", ["models.transformer.size=S", "models.transformer.patch_size=2"]),
+}
+
+
+def _latent_shape(cfg: Config) -> tuple[int, int, int, int]:
+    """[C, F, H, W] of the latents the profile's encode stage caches (bootstrapped VAE)."""
+    boot, enc = cfg.models.vae.bootstrap, cfg.encode
+    ratio = spatial_ratio(vae_config(boot.size, temporal_ratio=boot.temporal_ratio))
+    return (VAE_SIZES[boot.size]["latent_channels"],
+            latent_frames(enc.frames, boot.temporal_ratio), enc.height // ratio,
+            enc.width // ratio)
+
+
+LATENT = _latent_shape(PROFILES["tiny"])
+TEXT = (PROFILES["tiny"].models.text_encoder.max_length, TEXT_DIM)
 
 
 def _model(size: str) -> Denoiser:
     torch.manual_seed(0)
-    return Denoiser(build_latte(size, in_channels=LATENT[0], sample_size=LATENT[2:],
-                                num_frames=LATENT[1], text_dim=TEXT[1], patch_size=PATCH[size]))
+    return build_denoiser(PROFILES[size], latent_channels=LATENT[0], latent_frames=LATENT[1],
+                          latent_hw=(LATENT[2], LATENT[3]), text_dim=TEXT[1])
 
 
 def _batch(batch: int) -> tuple[torch.Tensor, ...]:
@@ -127,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
             measure_size("S", args.batch, max(2, args.steps // 4))]
     print(f"\nLatte training step on CPU ({torch.get_num_threads()} threads), batch "
           f"{args.batch}, latents {'x'.join(map(str, LATENT))}, text {TEXT[0]}x{TEXT[1]}, "
-          f"patch {PATCH['tiny']} (tiny) / {PATCH['S']} (S)\n")
+          f"patch {PROFILES['tiny'].models.transformer.patch_size} (tiny, with its caption "
+          f"layout) / {PROFILES['S'].models.transformer.patch_size} (S)\n")
     header = (f"{'size':5s} {'params':>8s} {'step s':>8s} {'samples/s':>10s} {'tokens/s':>10s} "
               f"{'GFLOP/s':>9s} {'matmul GFLOP/s':>15s} {'of ceiling':>10s}")
     print(header)

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKLCogVideoX
 
 from vidops.config import Config, load_config
 from vidops.data.samples import write_samples
+from vidops.evaluation.shapes import read_shape_video
 from vidops.models import (
     LATTE_SIZES,
     BootstrapResult,
@@ -309,9 +310,21 @@ def test_vae_reused_until_data_or_settings_change(
 
 
 @pytest.mark.slow
-def test_default_bootstrap_on_shapes(tmp_path: Path) -> None:
-    """The recipe as configured (tiny: 400 steps at 64x64x9) on the tiny profile's corpus."""
+def test_default_bootstrap_keeps_every_colour(tmp_path: Path) -> None:
+    """The recipe as the tiny profile configures it, on the tiny profile's corpus: a shape
+    must come back from the VAE in its own colour, or no denoiser can draw the asked one.
+    Measured (seeds 0, 1, 2): 95, 97 and 97 of 97 curated clips; ~3.5 min on 2 cores."""
     cfg = load_config("tiny")
+    enc = cfg.encode
     report = write_samples(tmp_path / "shapes", "shapes", count=cfg.samples.counts.shapes)
     result = vae_module.bootstrap_vae(report.files, cfg, tmp_path / "vae")
-    assert result.psnr_after > 24.0  # measured 25.6 dB (2 held-out clips), ~2 min on 2 cores
+    assert result.psnr_after > 24.0
+    right = 0
+    for path in report.files:
+        window = read_clip(path, frames=enc.frames, stride=enc.stride, height=enc.height,
+                           width=enc.width)
+        video = reconstruct(result.vae, window[None])[0]
+        pixels = ((video + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+        asked = path.with_suffix(".txt").read_text().split()[1]
+        right += read_shape_video(pixels.permute(1, 2, 3, 0).numpy()).colour == asked
+    assert right >= 0.9 * len(report.files)

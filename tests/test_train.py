@@ -23,7 +23,7 @@ from vidops.config import Config, load_config
 from vidops.data.latent_dataset import LatentDataset
 from vidops.models.folder import load_model_folder
 from vidops.models.sampling import generate
-from vidops.models.transformer import Denoiser, build_transformer
+from vidops.models.transformer import build_denoiser
 from vidops.stages.encode import run_encode
 from vidops.stages.pretrain import TRAINING_JSON, pretrain
 from vidops.tracking.workdir import Workdir
@@ -71,9 +71,8 @@ def _trainer(data: Path, cfg: Config, out: Path) -> Trainer:
     item = dataset[0]
     channels, frames, height, width = item["latents"].shape
     torch.manual_seed(cfg.seed)
-    model = Denoiser(build_transformer(cfg, latent_channels=channels, latent_frames=frames,
-                                       latent_hw=(height, width),
-                                       text_dim=item["prompt_embeds"].shape[-1]))
+    model = build_denoiser(cfg, latent_channels=channels, latent_frames=frames,
+                           latent_hw=(height, width), text_dim=item["prompt_embeds"].shape[-1])
     return Trainer(model, dataset, cfg.train, out_dir=out, seed=cfg.seed,
                    dist=DistInfo(0, 1, 0, torch.device("cpu")),
                    empty_caption=dataset.empty_caption(), settings_digest="test", quiet=True)

@@ -274,3 +274,15 @@ class Denoiser(torch.nn.Module):
         patch = int(self.transformer.config.patch_size)
         patch_t = int(getattr(self.transformer.config, "patch_size_t", None) or 1)
         return (frames // patch_t) * (height // patch) * (width // patch)
+
+
+def build_denoiser(cfg: Config, *, latent_channels: int, latent_frames: int,
+                   latent_hw: tuple[int, int], text_dim: int) -> Denoiser:
+    """The transformer models.transformer names, with its CaptionLayout when it asks for one:
+    what pretrain trains and what a model folder holds."""
+    transformer = build_transformer(cfg, latent_channels=latent_channels,
+                                    latent_frames=latent_frames, latent_hw=latent_hw,
+                                    text_dim=text_dim)
+    layout = build_caption_layout(cfg, transformer, latent_frames=latent_frames,
+                                  latent_hw=latent_hw, text_dim=text_dim)
+    return Denoiser(transformer, layout)

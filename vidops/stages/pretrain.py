@@ -27,12 +27,7 @@ from vidops.data.latent_cache import EMPTY_CAPTION
 from vidops.data.latent_dataset import LatentDataset
 from vidops.models.folder import write_model_folder
 from vidops.models.sampling import decode_latents, sample_latents, save_video
-from vidops.models.transformer import (
-    Denoiser,
-    build_caption_layout,
-    build_transformer,
-    count_parameters,
-)
+from vidops.models.transformer import build_denoiser, count_parameters
 from vidops.models.vae import load_vae
 from vidops.stage import StageError, digest_of, load_output
 from vidops.tracking import dvc as dvc_tracking
@@ -126,11 +121,8 @@ def _pretrain(data_dir: Path, out_dir: Path, cfg: Config, workdir: Workdir, dist
         raise StageError(f"{data_dir} was encoded with text max_length {text_info['max_length']}"
                          f", the config says {cfg.models.text_encoder.max_length}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every re-run
-    transformer = build_transformer(cfg, latent_channels=channels, latent_frames=frames,
-                                    latent_hw=(height, width), text_dim=int(text_info["dim"]))
-    layout = build_caption_layout(cfg, transformer, latent_frames=frames,
-                                  latent_hw=(height, width), text_dim=int(text_info["dim"]))
-    denoiser = Denoiser(transformer, layout)
+    denoiser = build_denoiser(cfg, latent_channels=channels, latent_frames=frames,
+                              latent_hw=(height, width), text_dim=int(text_info["dim"]))
     objective = Objective.from_config(cfg.train)
     train_settings = {k: v for k, v in cfg.train.model_dump(mode="json").items()
                       if k not in _COSMETIC}
