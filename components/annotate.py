@@ -25,9 +25,9 @@ def annotate(
     from vidops.tracking.workdir import Workdir
 
     work = Workdir.at(workdir)
-    # filter-shard-NN -> annotate-shard-NN: the shard's name follows it through the DAG.
-    name = Path(in_dir).name.replace("filter", "annotate", 1)
-    info = run_annotate(Path(in_dir), work.stage_dir(name), cfg=config_from_json(config_json),
-                        workdir=work, parent_run_id=parent_run_id or None, quiet=quiet,
-                        dataset_name=name)
+    # [corpus-]filter-shard-NN -> [corpus-]annotate-shard-NN: the shard's name follows it
+    # through the DAG, beside its filter output.
+    out_dir = Path(in_dir).with_name(Path(in_dir).name.replace("filter", "annotate", 1))
+    info = run_annotate(Path(in_dir), out_dir, cfg=config_from_json(config_json),
+                        workdir=work, parent_run_id=parent_run_id or None, quiet=quiet)
     return publish_stage(info, manifest)

@@ -13,13 +13,16 @@ def encode(
     workdir: str,
     config_json: str,
     manifest: dsl.Output[dsl.Dataset],
+    dataset: str = "",
     parent_run_id: str = "",
     quiet: bool = True,
 ) -> NamedTuple("EncodeOutputs", out_dir=str, dvc_md5=str, mlflow_run_id=str, kept=int,
                 rejected=int):
+    from pathlib import Path
+
     from vidops.components.publish import publish_stage
     from vidops.config import config_from_json
-    from vidops.data.shards import read_shard
+    from vidops.data.shards import read_shard, shard_settings
     from vidops.stages.encode import run_encode
     from vidops.tracking.workdir import Workdir
 
@@ -27,10 +30,15 @@ def encode(
     # As for filter: inside a ParallelFor the shard file (which names the curated dataset it
     # partitions) is all a task needs.
     shard_name, _, in_dir = read_shard(shard_file)
-    name = f"encode-{shard_name}"
-    info = run_encode(in_dir, work.stage_dir(name), shard_file=shard_file,
-                      cfg=config_from_json(config_json), workdir=work,
-                      parent_run_id=parent_run_id or None, quiet=quiet, dataset_name=name)
+    out_dir = work.stage_dir(f"encode-{shard_name}", dataset)
+    cfg = config_from_json(config_json)
+    vae_from_model = shard_settings(shard_file).get("vae_from_model")
+    if vae_from_model:  # data for fine-tuning that model: encoded in its latent space
+        from vidops.models.folder import encode_config_for
+
+        cfg = encode_config_for(cfg, Path(vae_from_model))
+    info = run_encode(in_dir, out_dir, shard_file=shard_file, cfg=cfg, workdir=work,
+                      parent_run_id=parent_run_id or None, quiet=quiet)
     return publish_stage(info, manifest)
 
 
@@ -40,6 +48,7 @@ def merge_encoded(
     workdir: str,
     config_json: str,
     manifest: dsl.Output[dsl.Dataset],
+    dataset: str = "",
     parent_run_id: str = "",
     quiet: bool = True,
 ) -> NamedTuple("MergeEncodedOutputs", out_dir=str, dvc_md5=str, mlflow_run_id=str, kept=int,
@@ -50,7 +59,7 @@ def merge_encoded(
     from vidops.tracking.workdir import Workdir
 
     work = Workdir.at(workdir)
-    info = run_merge_encoded(sorted(in_dirs), work.stage_dir(MERGED),
+    info = run_merge_encoded(sorted(in_dirs), work.stage_dir(MERGED, dataset),
                              cfg=config_from_json(config_json), workdir=work,
                              parent_run_id=parent_run_id or None, quiet=quiet)
     return publish_stage(info, manifest)

@@ -13,6 +13,7 @@ def filter(  # the component is named after its stage, shadowing the builtin her
     workdir: str,
     config_json: str,
     manifest: dsl.Output[dsl.Dataset],
+    dataset: str = "",
     parent_run_id: str = "",
     quiet: bool = True,
 ) -> NamedTuple("FilterOutputs", out_dir=str, dvc_md5=str, mlflow_run_id=str, kept=int,
@@ -26,7 +27,7 @@ def filter(  # the component is named after its stage, shadowing the builtin her
     work = Workdir.at(workdir)
     # The shard names its input: inside a ParallelFor the loop item is all a task needs.
     shard_name, _, in_dir = read_shard(shard_file)
-    info = run_filter(in_dir, work.stage_dir(f"filter-{shard_name}"), shard_file=shard_file,
-                      cfg=config_from_json(config_json), workdir=work,
+    info = run_filter(in_dir, work.stage_dir(f"filter-{shard_name}", dataset),
+                      shard_file=shard_file, cfg=config_from_json(config_json), workdir=work,
                       parent_run_id=parent_run_id or None, quiet=quiet)
     return publish_stage(info, manifest)

@@ -14,6 +14,7 @@ def ingest(
     config_json: str,
     manifest: dsl.Output[dsl.Dataset],
     out_dir: str = "",
+    dataset: str = "",
     parent_run_id: str = "",
     quiet: bool = True,
 ) -> NamedTuple("IngestOutputs", out_dir=str, dvc_md5=str, mlflow_run_id=str, kept=int,
@@ -24,7 +25,7 @@ def ingest(
     from vidops.tracking.workdir import Workdir
 
     work = Workdir.at(workdir)
-    info = run_ingest(list(sources), out_dir or work.stage_dir("ingest"),
+    info = run_ingest(list(sources), out_dir or work.stage_dir("ingest", dataset),
                       cfg=config_from_json(config_json), workdir=work,
                       parent_run_id=parent_run_id or None, quiet=quiet)
     return publish_stage(info, manifest)

@@ -13,6 +13,7 @@ def merge(
     workdir: str,
     config_json: str,
     manifest: dsl.Output[dsl.Dataset],
+    dataset: str = "",
     parent_run_id: str = "",
     quiet: bool = True,
 ) -> NamedTuple("MergeOutputs", out_dir=str, dvc_md5=str, mlflow_run_id=str, kept=int,
@@ -23,7 +24,7 @@ def merge(
     from vidops.tracking.workdir import Workdir
 
     work = Workdir.at(workdir)
-    info = run_merge(sorted(in_dirs), work.stage_dir("curated"),
+    info = run_merge(sorted(in_dirs), work.stage_dir("curated", dataset),
                      cfg=config_from_json(config_json), workdir=work,
                      parent_run_id=parent_run_id or None, quiet=quiet)
     return publish_stage(info, manifest)

@@ -28,25 +28,31 @@ from vidops.components.shard import shard
 from vidops.config import Config
 
 
-def curate(sources: Any, common: dict[str, Any]) -> Any:
-    """ingest -> fan-out(filter -> annotate) -> merge; returns the merge task."""
-    ingested = ingest(sources=sources, **common)
+def curate(sources: Any, common: dict[str, Any], dataset: str = "") -> Any:
+    """ingest -> fan-out(filter -> annotate) -> merge; returns the merge task. `dataset`
+    prefixes every output directory, for a second corpus in the same workdir."""
+    ingested = ingest(sources=sources, dataset=dataset, **common)
     shards = shard(in_dir=ingested.outputs["out_dir"], workdir=common["workdir"],
-                   config_json=common["config_json"])
+                   config_json=common["config_json"], dataset=dataset)
     with dsl.ParallelFor(shards.output) as shard_file:
-        filtered = filter_component.filter(shard_file=shard_file, **common)
+        filtered = filter_component.filter(shard_file=shard_file, dataset=dataset, **common)
         annotated = annotate(in_dir=filtered.outputs["out_dir"], **common)
-    return merge(in_dirs=dsl.Collected(annotated.outputs["out_dir"]), **common)
+    return merge(in_dirs=dsl.Collected(annotated.outputs["out_dir"]), dataset=dataset,
+                 **common)
 
 
-def encode(curated_dir: Any, common: dict[str, Any]) -> Any:
-    """shard by clip -> fan-out(encode) -> merge_encoded; returns the merge_encoded task."""
+def encode(curated_dir: Any, common: dict[str, Any], dataset: str = "",
+           vae_from_model: Any = "") -> Any:
+    """shard by clip -> fan-out(encode) -> merge_encoded; returns the merge_encoded task.
+    `vae_from_model`: encode in that model's latent space (data to fine-tune it on)."""
     clip_shards = shard(in_dir=curated_dir, by="clip_id", name="encode-shards",
-                        workdir=common["workdir"], config_json=common["config_json"]
+                        workdir=common["workdir"], config_json=common["config_json"],
+                        dataset=dataset, vae_from_model=vae_from_model
                         ).set_display_name("shard-clips")
     with dsl.ParallelFor(clip_shards.output) as clip_shard:
-        encoded = encode_component(shard_file=clip_shard, **common)
-    return merge_encoded(in_dirs=dsl.Collected(encoded.outputs["out_dir"]), **common)
+        encoded = encode_component(shard_file=clip_shard, dataset=dataset, **common)
+    return merge_encoded(in_dirs=dsl.Collected(encoded.outputs["out_dir"]), dataset=dataset,
+                         **common)
 
 
 def build(cfg: Config) -> Callable[..., None]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import kfp.local
 
-from vidops.config import Config
+from vidops.config import Config, ConfigError
 from vidops.data.samples import write_samples
 from vidops.stage import StageError, gate_failures, load_output
 from vidops.tracking import mlflow_runs
@@ -48,22 +48,27 @@ def _stage_outputs(workdir: Workdir, parent_run_id: str) -> list[dict[str, Any]]
     return sorted(found, key=lambda info: info["started_at"])
 
 
-def _model_trained(workdir: Workdir, parent_run_id: str) -> dict[str, Any] | None:
-    """The model folder this run trained, from its training.json, if it trained one."""
-    from vidops.stages.pretrain import TRAINING_JSON
+def _models_trained(workdir: Workdir, parent_run_id: str) -> list[dict[str, Any]]:
+    """The model folders this run trained (pretrain, then fine-tune), from their
+    training.json files."""
+    from vidops.stages.training import TRAINING_JSON
 
+    found = []
     for summary_file in sorted((workdir.root / "models").glob(f"*/{TRAINING_JSON}")):
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
         if summary.get("parent_run_id") == parent_run_id:
-            return {k: summary.get(k) for k in ("model_dir", "mlflow_run_id", "steps",
-                                                  "final_loss", "seconds", "data_dir")}
-    return None
+            found.append({k: summary.get(k) for k in (
+                "stage", "model_dir", "mlflow_run_id", "steps", "final_loss", "seconds",
+                "data_dir", "started_at")})
+    return sorted(found, key=lambda model: model["started_at"] or "")
 
 
-def ensure_samples(cfg: Config, workdir: Workdir, quiet: bool = False) -> list[str]:
-    """The sample corpora of cfg.samples, generated once per (kind, count, seed)."""
+def ensure_samples(cfg: Config, workdir: Workdir, quiet: bool = False,
+                   kinds: list[str] | None = None) -> list[str]:
+    """The sample corpora `kinds` (default cfg.samples.kinds), generated once per (kind,
+    count, seed)."""
     sources = []
-    for kind in cfg.samples.kinds:
+    for kind in cfg.samples.kinds if kinds is None else kinds:
         count = None if kind == "defects" else getattr(
             cfg.samples.counts, kind.replace("-", "_"))
         target = workdir.samples_dir(kind)
@@ -91,16 +96,27 @@ def run_local(
     sources: list[str] | None = None,
     quiet: bool = False,
     curated_dir: Path | None = None,
+    finetune_sources: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run pipeline `name` locally; returns the run summary (also in run-summary.json).
 
     Pipelines that start from sources get `sources` (default: the sample corpus); the
-    training pipeline gets `curated_dir` (default: the workdir's curated dataset)."""
+    training pipeline gets `curated_dir` (default: the workdir's curated dataset). The
+    lifecycle fine-tunes on `finetune_sources` (default, when `sources` are the samples too:
+    the samples.finetune_kinds corpus)."""
     from vidops.pipelines.registry import EXPERIMENT, INPUT_PARAMETER, PIPELINES
 
+    finetune_sources = list(finetune_sources or [])
     if INPUT_PARAMETER[name] == "sources":
+        if name == "lifecycle" and cfg.pipeline.finetune and not finetune_sources:
+            if sources:
+                raise ConfigError("the lifecycle fine-tunes the model it pretrains: give "
+                                 "--finetune-source URI..., or --set pipeline.finetune=false")
+            finetune_sources = ensure_samples(cfg, workdir, quiet, cfg.samples.finetune_kinds)
         sources = list(sources) if sources else ensure_samples(cfg, workdir, quiet)
         data_input: dict[str, Any] = {"sources": sources}
+        if name == "lifecycle" and cfg.pipeline.finetune:
+            data_input["finetune_sources"] = finetune_sources
     else:
         curated = Path(curated_dir or workdir.stage_dir("curated")).resolve()
         load_output(curated)  # a missing or unfinished dataset fails here, not in a task
@@ -131,6 +147,7 @@ def run_local(
         mlflow_runs.end_run(parent_run_id, status)
 
     gates = gate_failures(workdir, parent_run_id)
+    models = _models_trained(workdir, parent_run_id)
     stages = [{
         "stage": info["stage"], "out_dir": info["output"]["dir"], "counts": info["counts"],
         "dvc_md5": info["dvc"]["md5"], "mlflow_run_id": info["mlflow"]["run_id"],
@@ -146,10 +163,13 @@ def run_local(
         "duration_s": round(time.perf_counter() - clock, 3),
         "workdir": str(workdir.root),
         "sources": sources,
+        "finetune_sources": finetune_sources,
         "mlflow": {"tracking_uri": mlflow_runs.redact(mlflow_runs.tracking_uri(cfg, workdir)),
                    "parent_run_id": parent_run_id},
         "stages": stages,
-        "model": _model_trained(workdir, parent_run_id),
+        "models": models,
+        # The model the run ends with (fine-tuned when the pipeline fine-tunes).
+        "model": models[-1] if models else None,
     }
     tmp = workdir.run_summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -178,10 +198,14 @@ def summary_table(summary: dict[str, Any]) -> str:
                  f"{summary['duration_s']:.1f}s; workdir {summary['workdir']}")
     lines.append(f"MLflow parent run {summary['mlflow']['parent_run_id']} at "
                  f"{summary['mlflow']['tracking_uri']}")
+    for model in summary.get("models") or []:
+        lines.append(f"{model['stage']} model: {model['model_dir']} ({model['steps']} steps, "
+                     f"final loss {model['final_loss']:.4f}, MLflow run "
+                     f"{model['mlflow_run_id']})")
     model = summary.get("model")
     if model:
-        lines.append(f"model: {model['model_dir']} ({model['steps']} steps, final loss "
-                     f"{model['final_loss']:.4f}, MLflow run {model['mlflow_run_id']})")
+        prompt = ("a purple circle moving right" if model["stage"] == "finetune"
+                  else "a red circle moving right")
         lines.append(f"try: vidops generate --model {model['model_dir']} "
-                     f"--prompt 'a red circle moving right' --out sample.mp4")
+                     f"--prompt '{prompt}' --out sample.mp4")
     return "\n".join(lines)

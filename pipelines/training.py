@@ -13,14 +13,22 @@ from typing import Any
 
 from kfp import dsl
 
+from vidops.components.finetune import finetune
 from vidops.components.pretrain import pretrain
-from vidops.config import Config
+from vidops.config import Config, TaskResources
 from vidops.pipelines.curation import encode
 
 
 def pretrain_task(data_dir: Any, cfg: Config, common: dict[str, Any]) -> Any:
-    res = cfg.resources.pretrain
-    task = pretrain(data_dir=data_dir, **common)
+    return _training_task(pretrain(data_dir=data_dir, **common), cfg.resources.pretrain)
+
+
+def finetune_task(data_dir: Any, base_model: Any, cfg: Config, common: dict[str, Any]) -> Any:
+    return _training_task(finetune(data_dir=data_dir, base_model=base_model, **common),
+                          cfg.resources.finetune)
+
+
+def _training_task(task: Any, res: TaskResources) -> Any:
     task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
     task.set_memory_request(res.memory).set_memory_limit(res.memory)
     if res.gpus:

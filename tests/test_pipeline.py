@@ -66,6 +66,19 @@ def test_lifecycle_pipeline_trains_after_curation_with_cluster_resources(tmp_pat
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert resources["resourceCpuLimit"] == "16" and resources["resourceMemoryLimit"] == "64G"
 
+    # The fine-tune branch: the second corpus curated and encoded in the pretrained model's
+    # latent space (its encode fan-out waits for pretrain), then fine-tuned from that model.
+    assert tasks["finetune"]["dependentTasks"] == ["merge-encoded-2", "pretrain"]
+    assert tasks["finetune"]["cachingOptions"] == {}
+    assert [name for name, t in tasks.items() if name.startswith("shard")
+            and "pretrain" in t.get("dependentTasks", [])] == ["shard-4"]
+    finetune_exec = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]
+    assert finetune_exec["image"].startswith("ghcr.io/vidops/vidops-gpu")
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["finetune_sources"]["parameterType"] == "LIST"
+    without = _compiled(tmp_path, "lifecycle", "pipeline.finetune=false")
+    assert "finetune" not in without["root"]["dag"]["tasks"]
+
     training = _compiled(tmp_path, "training")
     assert set(training["root"]["inputDefinitions"]["parameters"]) >= {"curated_dir"}
     assert {"merge-encoded", "pretrain"} <= set(training["root"]["dag"]["tasks"])
@@ -98,13 +111,18 @@ def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
          "--set", "samples.counts.shapes=4", "--set", "models.vae.bootstrap.steps=20",
          "--set", "train.steps=4", "--set", "train.batch_size=2", "--set",
          "train.sample_prompts=[a red circle moving left]", "--set", "generate.steps=2",
-         "--quiet"],
+         "--set", "samples.counts.shapes-finetune=3", "--set", "finetune.train.steps=2",
+         "--set", "finetune.train.batch_size=2", "--set", "finetune.lora.rank=2", "--quiet"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "curated" in proc.stdout and "filter" in proc.stdout
 
     summary = json.loads((work / "run-summary.json").read_text())
+    # The pretraining corpus; the fine-tune corpus's outputs are prefixed (checked below).
+    finetune_stages = [s for s in summary["stages"]
+                       if Path(s["out_dir"]).name.startswith("finetune-")]
+    summary["stages"] = [s for s in summary["stages"] if s not in finetune_stages]
     stages = {s["stage"]: s for s in summary["stages"] if s["stage"] in ("ingest", "curated")}
     # 4 shapes + defects (2 good originals and 7 defects: one unreadable, one duplicate).
     assert stages["ingest"]["counts"]["input"] == 13
@@ -147,9 +165,9 @@ def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
     assert (work / ".dvc").is_dir() and (work / "datasets" / "curated.dvc").is_file()
 
     # ... then training: the model it trained on the encoded dataset, reported by the run.
-    model = summary["model"]
+    model, tuned = summary["models"]
     assert model["model_dir"] == str(work / "models" / "pretrain") and model["steps"] == 4
-    assert f"model: {model['model_dir']}" in proc.stdout
+    assert f"pretrain model: {model['model_dir']}" in proc.stdout
     assert model["data_dir"] == str(work / "data" / "encoded")
     pretrain_run = client.get_run(model["mlflow_run_id"])
     assert pretrain_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -157,3 +175,19 @@ def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
     assert artifacts == {"samples/step-00000004"}  # the sample videos of the final step
     card = json.loads((work / "models" / "pretrain" / "vidops_model.json").read_text())
     assert card["data"]["clips"] == len(curated)
+
+    # ... and the fine-tune branch: the shapes-finetune corpus through the same stages, into
+    # their own outputs, encoded with the pretrained model's VAE, then a LoRA on that model.
+    assert summary["model"] == tuned and tuned["stage"] == "finetune"
+    assert f"finetune model: {tuned['model_dir']}" in proc.stdout
+    assert {s["stage"] for s in finetune_stages} >= {"ingest", "filter", "annotate", "encode"}
+    assert all(s["validation"] for s in finetune_stages)
+    ft_ingest = next(s for s in finetune_stages if s["stage"] == "ingest")
+    assert ft_ingest["counts"]["kept"] == 3
+    assert tuned["data_dir"] == str(work / "data" / "finetune-encoded")
+    tuned_card = json.loads((Path(tuned["model_dir"]) / "vidops_model.json").read_text())
+    assert tuned_card["method"] == "lora" and tuned_card["base"]["path"] == model["model_dir"]
+    ft_encoding = json.loads((work / "data" / "finetune-encoded" / "stage.json").read_text())
+    assert ft_encoding["encoding"]["vae"]["digest"] == card["vae"]["digest"]
+    assert client.get_run(tuned["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == \
+        parent.info.run_id

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="default <workdir>/data/encode")
     p.add_argument("--shard", type=Path, default=None,
                    help="a shard file (by clip_id): encode only the clips it lists")
+    p.add_argument("--vae-from-model", default=None, metavar="MODEL",
+                   help="encode in this model's latent space (its VAE, text encoder and clip "
+                   "geometry): data to fine-tune it on")
 
     p = sub.add_parser("merge-encoded", parents=[common],
                        help="merge encoded shards into one latent dataset")
@@ -106,6 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine: DDP under torchrun (gloo on CPU)")
 
+    p = sub.add_parser("finetune", parents=[common],
+                       help="adapt a trained model to new data: LoRA or full fine-tuning")
+    p.add_argument("--data", type=Path, default=None,
+                   help="an encoded dataset in the base's latent space "
+                   "(default <workdir>/data/finetune-encoded)")
+    p.add_argument("--base", required=True,
+                   help="a model folder or an MLflow model URI (models:/vidgen@champion)")
+    p.add_argument("--method", choices=["lora", "sft"], default=None,
+                   help="default: finetune.method")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the model folder (default <workdir>/models/finetune)")
+    p.add_argument("--merge", action="store_true",
+                   help="lora: write a merged model (the adapter folded into the weights; "
+                   "the adapter stays in adapter/)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_const", const="require",
+                        default="auto", help="continue from the latest checkpoint in --out")
+    resume.add_argument("--no-resume", dest="resume", action="store_const", const="never",
+                        help="start afresh, deleting earlier checkpoints in --out")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine: torchrun (DDP for lora, DeepSpeed ZeRO "
+                   "for sft; gloo on CPU)")
+
     p = sub.add_parser("generate", parents=[common], help="text to video with a trained model")
     p.add_argument("--model", required=True,
                    help="a model folder or an MLflow model URI (models:/vidgen@champion)")
@@ -118,11 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--sampler", choices=["ddim", "dpm", "euler"], default=None)
     p.add_argument("--gif", action="store_true", help="also write an animated GIF")
+    p.add_argument("--lora", type=Path, default=None, metavar="PATH",
+                   help="apply this LoRA adapter (a fine-tune folder or its adapter/) to MODEL")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="strength of the adapter (of --lora, or of a LoRA MODEL): 0 is the base")
 
     p = sub.add_parser("run", parents=[common],
                        help="run the pipeline locally through kfp.local")
     p.add_argument("--source", dest="sources", nargs="+", action="extend", default=[],
                    metavar="URI", help="default: the sample corpus")
+    p.add_argument("--finetune-source", dest="finetune_sources", nargs="+", action="extend",
+                   default=[], metavar="URI",
+                   help="lifecycle: the corpus to fine-tune on (default with the samples: "
+                   "samples.finetune_kinds)")
     p.add_argument("--pipeline", default="lifecycle",
                    choices=["lifecycle", "curation", "training"],
                    help="lifecycle (default): curation then training; training starts from a "
@@ -187,6 +221,9 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "pretrain":
         return _pretrain(args, cfg, workdir)
 
+    if args.command == "finetune":
+        return _finetune(args, cfg, workdir)
+
     if args.command == "generate":
         return _generate(args, cfg, workdir)
 
@@ -195,7 +232,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
 
         try:
             summary = run_local(args.pipeline, cfg, workdir, args.sources, quiet=args.quiet,
-                                curated_dir=args.data)
+                                curated_dir=args.data, finetune_sources=args.finetune_sources)
         except PipelineFailed as exc:
             print(f"vidops: {exc}", file=sys.stderr)
             print(f"see {workdir.run_summary}", file=sys.stderr)
@@ -252,8 +289,44 @@ def _pretrain(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
     return EXIT_OK
 
 
+def _finetune(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
+    import os
+
+    method = args.method or cfg.finetune.method
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc)
+    from vidops.models.folder import ModelFolderError
+    from vidops.models.lora import AdapterError
+    from vidops.stages.finetune import finetune
+    from vidops.train.loop import TrainError
+
+    if str(args.base).startswith(("models:/", "runs:/")):
+        from vidops.tracking import mlflow_runs
+
+        mlflow_runs.configure(cfg, workdir)
+    try:
+        summary = finetune(args.data or workdir.stage_dir("finetune-encoded"), args.base,
+                           args.out or workdir.root / "models" / "finetune", cfg=cfg,
+                           workdir=workdir, method=method, merge=args.merge,
+                           resume=args.resume, quiet=args.quiet)
+    except (TrainError, ModelFolderError, AdapterError, FileNotFoundError, ValueError) as exc:
+        print(f"vidops: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if summary:  # rank 0
+        print(json.dumps({k: summary[k] for k in (
+            "model_dir", "steps", "resumed_from", "final_loss", "seconds", "world_size",
+            "ranks_agree", "mlflow_run_id")}, indent=2))
+    return EXIT_OK
+
+
 def _generate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
-    from vidops.models.folder import ModelFolderError, load_model_folder, resolve_model
+    from vidops.models.folder import (
+        ModelFolderError,
+        apply_lora,
+        load_model_folder,
+        resolve_model,
+    )
+    from vidops.models.lora import AdapterError
     from vidops.models.sampling import generate, save_video
     from vidops.tracking import mlflow_runs
 
@@ -261,7 +334,12 @@ def _generate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
     try:
         if str(args.model).startswith(("models:/", "runs:/")):
             mlflow_runs.configure(cfg, workdir)
-        model = load_model_folder(resolve_model(args.model, workdir.root / "downloads"))
+        downloads = workdir.root / "downloads"
+        model = load_model_folder(resolve_model(args.model, downloads),
+                                  lora_scale=1.0 if args.lora else args.lora_scale,
+                                  download_dir=downloads)
+        if args.lora:
+            apply_lora(model, args.lora, args.lora_scale)
         videos = generate(model, [args.prompt], seed=cfg.seed if args.seed is None else args.seed,
                           steps=args.steps or gen.steps,
                           guidance_scale=(gen.guidance_scale if args.guidance is None
@@ -269,7 +347,7 @@ def _generate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
                           sampler=args.sampler or gen.sampler,
                           negative_prompt=(gen.negative_prompt if args.negative_prompt is None
                                            else args.negative_prompt))
-    except (ModelFolderError, FileNotFoundError, ValueError) as exc:
+    except (ModelFolderError, AdapterError, FileNotFoundError, ValueError) as exc:
         print(f"vidops: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     written = save_video(videos[0], args.out, model.fps, gif=args.gif or gen.gif)
@@ -303,6 +381,11 @@ def _run_data_stage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> 
     elif args.command == "encode":
         from vidops.stages.encode import run_encode
 
+        if args.vae_from_model:
+            from vidops.models.folder import encode_config_for, resolve_model
+
+            cfg = encode_config_for(cfg, resolve_model(args.vae_from_model,
+                                                       workdir.root / "downloads"))
         info = run_encode(args.in_dir or workdir.stage_dir("curated"),
                           args.out or workdir.stage_dir("encode"), shard_file=args.shard,
                           cfg=cfg, workdir=workdir, quiet=args.quiet)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -51,6 +51,7 @@ SampleKind = Literal["shapes", "shapes-finetune", "photos", "defects"]
 
 class SamplesConfig(_Strict):
     kinds: list[SampleKind] = Field(min_length=1)
+    finetune_kinds: list[SampleKind] = Field(min_length=1)
     counts: SampleCounts
 
 
@@ -107,6 +108,7 @@ class CurationConfig(_Strict):
 
 class PipelineConfig(_Strict):
     local_root: str
+    finetune: bool
 
 
 class ImagesConfig(_Strict):
@@ -122,6 +124,7 @@ class VaeBootstrapConfig(_Strict):
     learning_rate: float = Field(gt=0)
     kl_weight: float = Field(ge=0)
     foreground_weight: float = Field(ge=0)
+    colour_augment: bool
     holdout_clips: int = Field(ge=1)
 
 
@@ -188,6 +191,32 @@ class TrainConfig(_Strict):
     sample_prompts: list[str]
 
 
+class LoraConfig(_Strict):
+    rank: int = Field(ge=1)
+    alpha: float | None = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    targets: list[str] = Field(min_length=1)
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class SftConfig(_Strict):
+    zero_stage: Literal[1, 2, 3]
+    offload_optimizer: bool
+    gradient_checkpointing: bool
+    deepspeed_config: str | None
+
+
+class FinetuneConfig(_Strict):
+    method: Literal["lora", "sft"]
+    # Keys of TrainConfig; checked against it when the whole Config validates.
+    train: dict[str, Any]
+    lora: LoraConfig
+    sft: SftConfig
+
+
 class GenerateConfig(_Strict):
     sampler: Literal["ddim", "dpm", "euler"]
     steps: int = Field(ge=1)
@@ -207,6 +236,7 @@ class TaskResources(_Strict):
 
 class ResourcesConfig(_Strict):
     pretrain: TaskResources
+    finetune: TaskResources
 
 
 class Config(_Strict):
@@ -222,10 +252,32 @@ class Config(_Strict):
     models: ModelsConfig
     encode: EncodeConfig
     train: TrainConfig
+    finetune: FinetuneConfig
     generate: GenerateConfig
     resources: ResourcesConfig
     pipeline: PipelineConfig
     images: ImagesConfig
+
+    @model_validator(mode="after")
+    def _finetune_train_valid(self) -> Config:
+        # A bad key or value under finetune.train fails at load time, named in full.
+        try:
+            self.finetune_train()
+        except ValidationError as exc:
+            raise ValueError("; ".join(_problems(exc, prefix="finetune.train."))) from None
+        return self
+
+    def finetune_train(self) -> TrainConfig:
+        """The training settings of a fine-tune: `train` with `finetune.train` replaced."""
+        return TrainConfig.model_validate({**self.train.model_dump(),
+                                           **self.finetune.train})
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """This config with dotted keys replaced (validated like a --set)."""
+        merged = OmegaConf.merge(OmegaConf.create(self.to_dict()),
+                                 OmegaConf.from_dotlist([f"{k}={json.dumps(v)}"
+                                                         for k, v in overrides.items()]))
+        return config_from_dict(OmegaConf.to_container(merged, resolve=True))
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data, with the key spelling of params.yaml."""
@@ -288,16 +340,23 @@ def config_from_dict(data: Any) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = ".".join(str(part) for part in err["loc"])
-            if err["type"] == "extra_forbidden":
-                problems.append(f"unknown key '{key}'")
-            elif err["type"] == "missing":
-                problems.append(f"missing key '{key}'")
-            else:
-                problems.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+        raise ConfigError("invalid configuration: " + "; ".join(_problems(exc))) from None
+
+
+def _problems(exc: ValidationError, prefix: str = "") -> list[str]:
+    problems = []
+    for err in exc.errors():
+        key = prefix + ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        elif err["type"] == "missing":
+            problems.append(f"missing key '{key}'")
+        elif not err["loc"]:  # a model validator's own message names its keys
+            problems.append(str(err["ctx"]["error"]) if "error" in err.get("ctx", {})
+                            else err["msg"])
+        else:
+            problems.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+    return problems
 
 
 def config_from_json(text: str) -> Config:

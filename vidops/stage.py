@@ -303,8 +303,8 @@ def run_stage(
     """Run one stage under the contract and return its stage.json content.
 
     `suite` names the Great Expectations suite the manifest must pass (default: the stage's
-    own, when one exists); `dataset_name` is the DVC dataset (default: the stage name; shards
-    of a fanned-out stage each get their own)."""
+    own, when one exists); `dataset_name` is the DVC dataset (default: the output directory's
+    name, which the workdir keeps unique per stage, shard and corpus)."""
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out_dir)
@@ -330,7 +330,7 @@ def run_stage(
                 write_table(outcome.rejected[REJECTED_COLUMNS], tmp / REJECTED)
             validation = _validate(suite or name, outcome.kept, cfg, gx_dir, counts, ctx)
             with ctx.timed("dvc"):
-                version = dvc_tracking.version_directory(workdir, tmp, dataset_name or name,
+                version = dvc_tracking.version_directory(workdir, tmp, dataset_name or out_dir.name,
                                                          cfg.dvc.remote)
             if validation is not None:
                 for produced in gx_dir.iterdir():

@@ -34,9 +34,11 @@ def plan_shards(manifest: pd.DataFrame, count: int,
 
 
 def write_shards(manifest: pd.DataFrame, count: int, dest: Path,
-                 source_dir: Path | None = None, id_column: str = "source_sha256") -> list[str]:
+                 source_dir: Path | None = None, id_column: str = "source_sha256",
+                 settings: dict[str, str] | None = None) -> list[str]:
     """Write shard-NN.json files into `dest` (atomically each); returns their paths. A shard
-    names the stage output it partitions (`source_dir`), so a shard file alone is a task."""
+    names the stage output it partitions (`source_dir`) and any per-run `settings` of the
+    tasks it feeds, so a shard file alone is a task."""
     dest.mkdir(parents=True, exist_ok=True)
     for stale in dest.glob("shard-*.json"):
         stale.unlink()
@@ -45,10 +47,16 @@ def write_shards(manifest: pd.DataFrame, count: int, dest: Path,
         path = dest / f"shard-{index:02d}.json"
         tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"index": index, "source_dir": str(source_dir or ""),
-                                   "id_column": id_column, "ids": ids}, indent=1))
+                                   "id_column": id_column, "ids": ids,
+                                   "settings": settings or {}}, indent=1))
         tmp.replace(path)
         paths.append(str(path))
     return paths
+
+
+def shard_settings(path: str | Path) -> dict[str, str]:
+    """The per-run settings a shard carries for the tasks it feeds."""
+    return dict(json.loads(Path(path).read_text()).get("settings") or {})
 
 
 def read_shard(path: str | Path) -> tuple[str, set[str], Path | None]:

@@ -14,6 +14,11 @@ A diffusers-style layout, so the parts load with diffusers' own `from_pretrained
                                 settings and results, and the data lineage
     README.md                   the same card for people
 
+A LoRA fine-tune writes a lighter folder that is a model all the same: no transformer, but
+`adapter/` (diffusers' `pytorch_lora_weights.safetensors` and its settings) and a card whose
+`base` names the model it adapts (its folder and MLflow URI, and the digest of the base
+transformer's weights, checked when the two are put together again).
+
 `MODEL` arguments accept such a folder or an MLflow URI (`models:/name@alias`,
 `runs:/<id>/model`), which is downloaded first.
 """
@@ -31,14 +36,18 @@ import torch
 from diffusers import CogVideoXTransformer3DModel, LatteTransformer3DModel
 from safetensors.torch import load_file
 
+from vidops.config import Config
 from vidops.media.files import link_or_copy
+from vidops.models.lora import ADAPTER_CONFIG, load_lora, merge_lora, save_lora
 from vidops.models.text import TextEncoder
 from vidops.models.transformer import CaptionLayout, Denoiser
-from vidops.models.vae import load_vae
+from vidops.models.vae import file_digest, load_vae
 
 CARD = "vidops_model.json"
 MODEL_INDEX = "model_index.json"
 EMPTY_CAPTION = "empty_caption.safetensors"
+ADAPTER_DIR = "adapter"
+TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 CARD_FORMAT = 1
 _TRANSFORMERS = {"LatteTransformer3DModel": LatteTransformer3DModel,
                  "CogVideoXTransformer3DModel": CogVideoXTransformer3DModel}
@@ -92,6 +101,41 @@ def write_model_folder(
     return out
 
 
+def transformer_digest(model_dir: Path) -> str:
+    """The identity of a model folder's transformer weights: what an adapter was trained on."""
+    return "sha256:" + file_digest(Path(model_dir) / TRANSFORMER_WEIGHTS)
+
+
+def write_lora_folder(
+    out: Path,
+    *,
+    denoiser: Denoiser,
+    base_dir: Path,
+    card: dict[str, Any],
+) -> Path:
+    """A LoRA fine-tune's folder at `out`: the adapter of `denoiser.transformer`, the base's
+    scheduler and empty caption (a model folder must sample on its own terms), the card."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("transformer", "layout", "scheduler", "vae", ADAPTER_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+    weights = save_lora(denoiser.transformer, out / ADAPTER_DIR,
+                        extra={"base": card["base"]["path"]})
+    _copy_tree(base_dir / "scheduler", out / "scheduler")
+    shutil.copyfile(base_dir / EMPTY_CAPTION, out / EMPTY_CAPTION)
+    base_index = json.loads((base_dir / MODEL_INDEX).read_text())
+    index = {"_class_name": "VidopsTextToVideo", "_diffusers_version": diffusers.__version__,
+             "base": card["base"]["path"], "adapter": ["peft", "LoRA"],
+             "scheduler": base_index["scheduler"]}
+    (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    card = {"format": CARD_FORMAT, **card}
+    card["adapter"] = {**card.get("adapter", {}), "path": ADAPTER_DIR,
+                       "bytes": weights.stat().st_size,
+                       "base_transformer_bytes": (base_dir / TRANSFORMER_WEIGHTS).stat().st_size}
+    (out / CARD).write_text(json.dumps(card, indent=2, default=str) + "\n")
+    (out / "README.md").write_text(model_card_markdown(card))
+    return out
+
+
 def model_card_markdown(card: dict[str, Any]) -> str:
     data = card.get("data", {})
     lines = [
@@ -122,6 +166,19 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     ]
     for ds in data.get("datasets", []):
         lines.append(f"| {ds['stage']} | {ds['dvc_md5']} | {ds['mlflow_run_id']} |")
+    base = card.get("base")
+    if base:
+        adapter = card.get("adapter")
+        lines += ["", "## Base model", "",
+                  f"Fine-tuned ({card.get('method')}) from `{base.get('uri') or base['path']}` "
+                  f"(transformer {base['transformer_digest']})."]
+        if adapter:
+            lines.append(f"LoRA rank {adapter['rank']}, alpha {adapter['alpha']:g} on "
+                         f"{', '.join(adapter['targets'])}: `{ADAPTER_DIR}/` "
+                         f"({adapter.get('bytes', 0):,} bytes).")
+        base_data = base.get("data") or {}
+        lines.append(f"The base learned from {base_data.get('clips', 0)} clips of "
+                     f"{base_data.get('sources', 0)} source videos.")
     return "\n".join(lines) + "\n"
 
 
@@ -171,9 +228,42 @@ def resolve_model(model: str | Path, download_dir: Path | None = None) -> Path:
     return path
 
 
-def load_model_folder(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
+def _base_folder(path: Path, card: dict[str, Any], download_dir: Path | None) -> Path:
+    base = card["base"]
+    local = Path(base["path"])
+    if (local / CARD).is_file() and transformer_digest(local) == base["transformer_digest"]:
+        return local
+    if base.get("uri"):
+        fetched = resolve_model(base["uri"], download_dir)
+        if transformer_digest(fetched) == base["transformer_digest"]:
+            return fetched
+    raise ModelFolderError(
+        f"{path} is a LoRA adapter for the base model at {base['path']}"
+        f"{' (' + base['uri'] + ')' if base.get('uri') else ''} with transformer "
+        f"{base['transformer_digest']}, which is no longer there or has been retrained")
+
+
+def adapter_dir(path: Path) -> Path:
+    """The adapter of `--lora PATH`: a LoRA fine-tune's folder or the adapter folder itself."""
+    path = Path(path)
+    for candidate in (path, path / ADAPTER_DIR):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return candidate
+    raise ModelFolderError(f"{path} holds no LoRA adapter ({ADAPTER_CONFIG})")
+
+
+def load_model_folder(path: Path, device: str | torch.device = "cpu", *,
+                      lora_scale: float = 1.0, download_dir: Path | None = None
+                      ) -> LoadedModel:
+    """The model at `path`, ready to sample. A LoRA fine-tune loads its base and applies its
+    adapter at `lora_scale`."""
     path = Path(path)
     card = read_card(path)
+    if card.get("base") and not (path / "transformer").is_dir():
+        base = load_model_folder(_base_folder(path, card, download_dir), device)
+        apply_lora(base, path / ADAPTER_DIR, lora_scale)
+        base.path, base.card = path, card
+        return base
     device = torch.device(device)
     index = json.loads((path / MODEL_INDEX).read_text())
     cls = _TRANSFORMERS.get(index["transformer"][1])
@@ -194,3 +284,37 @@ def load_model_folder(path: Path, device: str | torch.device = "cpu") -> LoadedM
     denoiser = Denoiser(transformer, layout).to(device).eval().requires_grad_(False)
     return LoadedModel(path, card, denoiser, vae.to(device).eval().requires_grad_(False), text,
                        empty, scheduler_config, device)
+
+
+def encode_config_for(cfg: Config, model_dir: Path) -> Config:
+    """`cfg` with what encoding data for this model must match taken from its card: the VAE,
+    the text encoder and the clip geometry (frames, stride, size). Data encoded so is in the
+    model's latent space, as fine-tuning it needs."""
+    card = read_card(model_dir)
+    if card.get("base") and not (Path(model_dir) / "transformer").is_dir():
+        model_dir = Path(card["base"]["path"])
+        card = read_card(model_dir)
+    vae = Path(model_dir) / "vae" if (Path(model_dir) / "vae").is_dir() else card["vae"]["path"]
+    video, text = card["video"], card["text_encoder"]
+    return cfg.with_overrides({
+        "models.vae.path": str(vae), "models.text_encoder.path": text["path"],
+        "models.text_encoder.max_length": int(text["max_length"]),
+        "encode.frames": int(video["frames"]), "encode.stride": int(video["stride"]),
+        "encode.height": int(video["height"]), "encode.width": int(video["width"])})
+
+
+def apply_lora(model: LoadedModel, adapter: Path, scale: float = 1.0) -> None:
+    """Apply the adapter at `adapter` to a loaded model's transformer (in place)."""
+    load_lora(model.denoiser.transformer, adapter_dir(adapter), scale)
+    model.denoiser.to(model.device).eval()
+
+
+def merge_into_folder(model: LoadedModel, out: Path, card: dict[str, Any]) -> Path:
+    """Write `model` (its adapter folded into the weights) as a normal model folder."""
+    merge_lora(model.denoiser.transformer)
+    source = Path(card["base"]["path"]) if card.get("base") else model.path
+    vae_dir = source / "vae" if (source / "vae").is_dir() else None
+    return write_model_folder(out, denoiser=model.denoiser,
+                              scheduler_config=model.scheduler_config,
+                              empty_caption=source / EMPTY_CAPTION,
+                              card={**card, "merged": True}, vae_dir=vae_dir)

@@ -335,4 +335,4 @@ def run_annotate(
     (a shard of the curation DAG names its own)."""
     return run_stage(STAGE, lambda ctx: annotate_body(ctx, captioner), cfg=cfg, workdir=workdir,
                      out_dir=out_dir, in_dir=in_dir, parent_run_id=parent_run_id, quiet=quiet,
-                     dataset_name=dataset_name or STAGE)
+                     dataset_name=dataset_name)

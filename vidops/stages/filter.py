@@ -274,7 +274,6 @@ def run_filter(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Filter the ingest output in `in_dir` (or one shard of it) into `out_dir`."""
-    shard_name, shard, _ = read_shard(shard_file) if shard_file else (None, None, None)
+    shard = read_shard(shard_file)[1] if shard_file else None
     return run_stage(STAGE, lambda ctx: filter_body(ctx, shard), cfg=cfg, workdir=workdir,
-                     out_dir=out_dir, in_dir=in_dir, parent_run_id=parent_run_id, quiet=quiet,
-                     dataset_name=f"{STAGE}-{shard_name}" if shard_name else STAGE)
+                     out_dir=out_dir, in_dir=in_dir, parent_run_id=parent_run_id, quiet=quiet)

@@ -43,9 +43,10 @@ class Workdir:
     def run_summary(self) -> Path:
         return self.root / "run-summary.json"
 
-    def stage_dir(self, stage: str) -> Path:
-        """Default output directory of a stage."""
-        return self.root / "data" / stage
+    def stage_dir(self, stage: str, dataset: str = "") -> Path:
+        """Default output directory of a stage; `dataset` names a second corpus that runs
+        through the same stages beside the first (the lifecycle's fine-tune data)."""
+        return self.root / "data" / (f"{dataset}-{stage}" if dataset else stage)
 
     def samples_dir(self, kind: str) -> Path:
         return self.root / "samples" / kind

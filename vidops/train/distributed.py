@@ -8,6 +8,7 @@ and the tests).
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,12 +42,21 @@ def resolve_train_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device_name: str) -> DistInfo:
+def init_distributed(device_name: str, always_group: bool = False) -> DistInfo:
+    """The process group torchrun describes. `always_group`: a group even for one process
+    not started by torchrun (DeepSpeed needs one), on a free local port."""
+    if always_group and "WORLD_SIZE" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_train_device(device_name, local_rank)
-    if world > 1 and not dist.is_initialized():
+    wanted = world > 1 or always_group
+    if wanted and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -86,5 +96,5 @@ def mean_across_ranks(info: DistInfo, value: float) -> float:
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -49,6 +49,49 @@ ResumeMode = Literal["auto", "require", "never"]
 SampleFn = Callable[[int, torch.nn.Module], None]
 
 
+DEEPSPEED_DIR = "deepspeed"
+
+
+def _ds_tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _prune_deepspeed(checkpoint_dir: Path) -> None:
+    """Drop DeepSpeed checkpoints that no kept vidops checkpoint names."""
+    kept = {path.name for _, path in ckpt.checkpoints(checkpoint_dir)}
+    folder = checkpoint_dir / DEEPSPEED_DIR
+    if folder.is_dir():
+        for tag in folder.iterdir():
+            if tag.is_dir() and tag.name not in kept:
+                shutil.rmtree(tag, ignore_errors=True)
+
+
+def _deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: Any, config: dict[str, Any], dist: DistInfo) -> Any:
+    """`model` under a DeepSpeed engine with the loop's own AdamW and LR schedule (so a
+    ZeRO run optimises exactly as a DDP one would, only partitioned)."""
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise TrainError("finetune.method sft runs under DeepSpeed, which is not installed: "
+                         "pip install 'vidops[deepspeed]'") from exc
+    if not torch.distributed.is_initialized():
+        raise TrainError("DeepSpeed needs a process group (init_distributed(..., "
+                         "always_group=True) makes one)")
+    if dist.device.type != "cuda":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (a C++ build, under
+        # a file lock a killed build leaves behind) that only its inference kernels use;
+        # training's collectives go through the gloo group either way.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if dist.device.type == "cuda" else "gloo")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=config,
+                                           dist_init_required=False)
+    return engine
+
+
 class TrainError(RuntimeError):
     """Training cannot start or continue as asked (bad data size, checkpoint mismatch)."""
 
@@ -127,6 +170,7 @@ class Trainer:
         sample_fn: SampleFn | None = None,
         resume: ResumeMode = "auto",
         quiet: bool = False,
+        deepspeed: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.seed, self.dist = cfg, seed, dist
         self.dataset = dataset
@@ -146,13 +190,20 @@ class Trainer:
         if self.device.type == "cuda" and cfg.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index]
-                                            if self.device.type == "cuda" else None)
-                    if dist.enabled else None)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay),
                                            lr=cfg.learning_rate, betas=cfg.adam_betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.ddp: DistributedDataParallel | None = None
+        self.engine: Any = None  # a DeepSpeed engine, when training runs under DeepSpeed
+        if deepspeed is not None:
+            self.engine = _deepspeed_engine(self.model, self.optimizer, self.scheduler,
+                                            deepspeed, dist)
+        elif dist.enabled:
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.empty = {k: v.to(self.device) for k, v in empty_caption.items()}
 
@@ -198,14 +249,22 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
 
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights training changes. Frozen ones (a LoRA's base) come back from where
+        they were loaded, so a checkpoint of a large base stays the size of its adapter."""
+        params = dict(self.model.named_parameters())
+        return {name: params[name].detach() for name in self.trainable_names}
+
     def _state(self, step: int) -> dict[str, Any]:
         rngs = gather_objects(self.dist, ckpt.rng_state())
+        deepspeed = self.engine is not None  # then DeepSpeed saves weights and optimizer
         return {
             "step": step,
-            "model": self.model.state_dict(),
+            "model": None if deepspeed else self._trainable_state(),
             "ema": self.ema.state_dict() if self.ema else None,
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
+            "optimizer": None if deepspeed else self.optimizer.state_dict(),
+            "lr_scheduler": None if deepspeed else self.scheduler.state_dict(),
+            "deepspeed_tag": _ds_tag(step) if deepspeed else None,
             "rng": rngs,
             "data": {"seed": self.seed, "world_size": self.dist.world_size,
                      "batch_size": self.cfg.batch_size,
@@ -216,10 +275,18 @@ class Trainer:
         }
 
     def _save(self, step: int) -> Path | None:
+        if self.engine is not None:
+            # Collective: each rank writes its partition of the optimizer state. The vidops
+            # checkpoint that names this tag is written after it, so a kill in between
+            # leaves the previous checkpoint as the latest complete one.
+            self.engine.save_checkpoint(str(self.checkpoint_dir / DEEPSPEED_DIR),
+                                        tag=_ds_tag(step), save_latest=False)
         state = self._state(step)  # collective: every rank contributes its RNG states
         path = None
         if self.dist.is_main:
             path = ckpt.save(self.checkpoint_dir, step, state, self.cfg.keep_checkpoints)
+            if self.engine is not None:
+                _prune_deepspeed(self.checkpoint_dir)
         barrier(self.dist)
         return path
 
@@ -242,11 +309,22 @@ class Trainer:
         if state["data"]["world_size"] != self.dist.world_size:
             raise TrainError(f"{path} was written by {state['data']['world_size']} processes; "
                              f"resume with the same number, not {self.dist.world_size}")
-        self.model.load_state_dict(state["model"])
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(self.checkpoint_dir / DEEPSPEED_DIR),
+                                        tag=state["deepspeed_tag"])
+        else:
+            missing = set(self.trainable_names) - set(state["model"])
+            if missing:
+                raise TrainError(f"{path} lacks {len(missing)} of this model's trainable "
+                                 f"weights (e.g. {sorted(missing)[0]})")
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name in self.trainable_names:
+                    params[name].copy_(state["model"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["lr_scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["lr_scheduler"])
         ckpt.set_rng_state(state["rng"][self.dist.rank])
         log.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"])
@@ -267,7 +345,7 @@ class Trainer:
         resumed = self._restore()
         start = resumed or 0
         result = TrainResult(steps=cfg.steps, resumed_from=resumed, seconds=0.0)
-        network = self.ddp or self.model
+        network = self.engine or self.ddp or self.model
         scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda"
                                       and cfg.mixed_precision == "fp16")
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
@@ -285,6 +363,15 @@ class Trainer:
                 latents, text, mask = self._inputs(batch, generator)
                 tokens_per_sample = self.model.tokens_per_sample(latents.shape[1:])
                 noised = self.objective.noise(latents, generator)
+                if self.engine is not None:
+                    # DeepSpeed averages over the accumulation itself, clips, and steps the
+                    # optimizer and LR schedule at the boundary.
+                    loss = self.objective.loss(network(noised.noisy, noised.timesteps, text,
+                                                       mask), noised)
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    step_loss += float(loss.detach()) / cfg.grad_accumulation
+                    continue
                 last = k == cfg.grad_accumulation - 1
                 sync = nullcontext() if last or self.ddp is None else self.ddp.no_sync()
                 with sync:
@@ -293,12 +380,16 @@ class Trainer:
                     loss = self.objective.loss(prediction, noised) / cfg.grad_accumulation
                     scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
-            scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm))
-            scaler.step(self.optimizer)
-            scaler.update()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.engine is not None:
+                grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+            else:
+                scaler.unscale_(self.optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable,
+                                                                 cfg.max_grad_norm))
+                scaler.step(self.optimizer)
+                scaler.update()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update(self.model)
             done += 1
@@ -351,7 +442,23 @@ class Trainer:
         self.model.train(was_training)
 
     def final_model(self) -> torch.nn.Module:
-        """The weights to save: the EMA's when EMA is on (copied into the model)."""
+        """The weights to save: the EMA's when EMA is on (copied into the model). Under
+        DeepSpeed, first the final ZeRO checkpoint consolidated into full fp32 weights (every
+        rank calls this; rank 0 reads the checkpoint)."""
+        if self.engine is not None:
+            if self.dist.is_main:
+                from deepspeed.utils.zero_to_fp32 import (
+                    get_fp32_state_dict_from_zero_checkpoint,
+                )
+
+                state = get_fp32_state_dict_from_zero_checkpoint(
+                    str(self.checkpoint_dir / DEEPSPEED_DIR), tag=_ds_tag(self.cfg.steps))
+                loaded = self.model.load_state_dict(state, strict=False)
+                params = {name for name, _ in self.model.named_parameters()}
+                if loaded.unexpected_keys or params & set(loaded.missing_keys):
+                    raise TrainError("the consolidated ZeRO checkpoint does not match the "
+                                     f"model: {loaded}")
+            barrier(self.dist)
         if self.ema is not None:
             params = dict(self.model.named_parameters())
             with torch.no_grad():
