@@ -358,7 +358,8 @@ def _permute_colours(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Each clip with its RGB channels in a random order. A VAE bootstrapped on a few
     colours otherwise learns those colours rather than colour: on the shapes corpus (red,
     green, blue, yellow) it decoded purple as blue in 6 of 6 fine-tune clips, so no model
-    could learn purple on top of it; with permuted channels it keeps purple in 6 of 6."""
+    could learn purple on top of it; with permuted channels it keeps purple in 6 of 6. (The
+    tiny denoiser then learned the corpus's own colours worse: off by default.)"""
     order = torch.stack([torch.randperm(3, generator=gen) for _ in range(len(batch))])
     return torch.stack([clip[perm] for clip, perm in zip(batch, order, strict=True)])
 
