@@ -101,6 +101,9 @@ def test_lora_trains_only_adapters_and_saves_a_model_that_references_its_base(
     tuned, plain = _video(out), _video(base_dir)
     assert np.abs(tuned - plain).max() > 0
     assert np.array_equal(_video(out, lora_scale=0.0), plain)
+    # An adapter is not a base to stack another adapter on.
+    with pytest.raises(StageError, match="itself a LoRA fine-tune"):
+        finetune(data, out, tmp_path / "again", cfg=_cfg(), workdir=workdir, quiet=True)
 
 
 def test_lora_merge_gives_the_same_model_as_base_plus_adapter(base: tuple, tmp_path: Path

@@ -67,7 +67,7 @@ def finetune(
     method = method or cfg.finetune.method
     cfg = cfg.with_overrides({"finetune.method": method})  # as MLflow params record it
     # DeepSpeed needs a process group even for one process.
-    dist = init_distributed(cfg.train.device, always_group=method == "sft")
+    dist = init_distributed(cfg.finetune_train().device, always_group=method == "sft")
     try:
         base_dir = resolve_model(base, workdir.root / "downloads")
         model = load_model_folder(base_dir, dist.device, download_dir=workdir.root / "downloads")
@@ -95,7 +95,7 @@ def check_data_fits_base(data_dir: Path, encoding: dict[str, Any], card: dict[st
     if problems:
         raise StageError(f"{data_dir} does not fit the base model: {'; '.join(problems)}. "
                          "Encode the fine-tune data in the base's latent space: vidops encode "
-                         "--vae-from-model BASE (with the base's encode geometry)")
+                         "--vae-from-model BASE")
 
 
 def finetune_train_config(cfg: Config, base_card: dict[str, Any]) -> TrainConfig:
@@ -112,9 +112,9 @@ def _job(data_dir: Path, out_dir: Path, cfg: Config, base_ref: str, base_dir: Pa
          device: Any) -> TrainingJob:
     _, _, encoding = encoded_dataset(data_dir)
     card = model.card
-    if card.get("base") and not card.get("merged"):
-        raise StageError(f"{base_ref} is itself a LoRA fine-tune: merge it first "
-                         "(vidops finetune --merge) or fine-tune its base")
+    if not (base_dir / "transformer").is_dir():  # an adapter folder: base + LoRA
+        raise StageError(f"{base_ref} is itself a LoRA fine-tune: fine-tune its base, or "
+                         "re-run that fine-tune with --merge for a model to build on")
     check_data_fits_base(data_dir, encoding, card)
     train = finetune_train_config(cfg, card)
     denoiser = model.denoiser.train()
