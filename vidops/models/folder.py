@@ -194,6 +194,7 @@ class LoadedModel:
     empty_caption: dict[str, torch.Tensor]
     scheduler_config: dict[str, Any]
     device: torch.device
+    base_path: Path | None = None  # a LoRA fine-tune's base folder, as found at load time
 
     @property
     def latent_shape(self) -> list[int]:
@@ -260,9 +261,10 @@ def load_model_folder(path: Path, device: str | torch.device = "cpu", *,
     path = Path(path)
     card = read_card(path)
     if card.get("base") and not (path / "transformer").is_dir():
-        base = load_model_folder(_base_folder(path, card, download_dir), device)
+        base_path = _base_folder(path, card, download_dir)
+        base = load_model_folder(base_path, device)
         apply_lora(base, path / ADAPTER_DIR, lora_scale)
-        base.path, base.card = path, card
+        base.path, base.card, base.base_path = path, card, base_path
         return base
     device = torch.device(device)
     index = json.loads((path / MODEL_INDEX).read_text())
@@ -312,7 +314,7 @@ def apply_lora(model: LoadedModel, adapter: Path, scale: float = 1.0) -> None:
 def merge_into_folder(model: LoadedModel, out: Path, card: dict[str, Any]) -> Path:
     """Write `model` (its adapter folded into the weights) as a normal model folder."""
     merge_lora(model.denoiser.transformer)
-    source = Path(card["base"]["path"]) if card.get("base") else model.path
+    source = model.base_path or model.path
     vae_dir = source / "vae" if (source / "vae").is_dir() else None
     return write_model_folder(out, denoiser=model.denoiser,
                               scheduler_config=model.scheduler_config,
