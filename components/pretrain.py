@@ -17,9 +17,9 @@ def pretrain(
     quiet: bool = True,
 ) -> NamedTuple("PretrainOutputs", model_dir=str, mlflow_run_id=str, final_loss=float):
     import json
-    from collections import namedtuple
     from pathlib import Path
 
+    from vidops.components.publish import publish_model
     from vidops.config import config_from_json
     from vidops.stages.pretrain import pretrain as run_pretrain
     from vidops.tracking.workdir import Workdir
@@ -28,14 +28,5 @@ def pretrain(
     summary = run_pretrain(Path(data_dir), work.root / "models" / "pretrain",
                            cfg=config_from_json(config_json), workdir=work,
                            parent_run_id=parent_run_id or None, quiet=quiet)
-    # The weights stay on the shared workdir; the KFP artifact is the model card, with the
-    # model folder and MLflow run as metadata.
-    Path(model.path).parent.mkdir(parents=True, exist_ok=True)
-    card = Path(summary["model_dir"]) / "vidops_model.json"
-    Path(model.path).write_text(card.read_text())
-    model.metadata.update({"model_dir": summary["model_dir"],
-                           "mlflow_run_id": summary["mlflow_run_id"],
-                           "final_loss": summary["final_loss"], "steps": summary["steps"]})
-    outputs = namedtuple("PretrainOutputs", "model_dir mlflow_run_id final_loss")
     print(json.dumps({"model_dir": summary["model_dir"]}))
-    return outputs(summary["model_dir"], summary["mlflow_run_id"], float(summary["final_loss"]))
+    return publish_model(summary, model)

@@ -282,11 +282,15 @@ def _pretrain(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
     except (TrainError, FileNotFoundError, ValueError) as exc:
         print(f"vidops: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if summary:  # rank 0
+    _print_training(summary)
+    return EXIT_OK
+
+
+def _print_training(summary: dict) -> None:
+    if summary:  # rank 0; other ranks return nothing
         print(json.dumps({k: summary[k] for k in (
             "model_dir", "steps", "resumed_from", "final_loss", "seconds", "world_size",
             "ranks_agree", "mlflow_run_id")}, indent=2))
-    return EXIT_OK
 
 
 def _finetune(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
@@ -312,10 +316,7 @@ def _finetune(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
     except (TrainError, ModelFolderError, AdapterError, FileNotFoundError, ValueError) as exc:
         print(f"vidops: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if summary:  # rank 0
-        print(json.dumps({k: summary[k] for k in (
-            "model_dir", "steps", "resumed_from", "final_loss", "seconds", "world_size",
-            "ranks_agree", "mlflow_run_id")}, indent=2))
+    _print_training(summary)
     return EXIT_OK
 
 
