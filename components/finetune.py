@@ -28,7 +28,7 @@ def finetune(
     work = Workdir.at(workdir)
     # One process here; sft makes itself a DeepSpeed group of one. Several processes or
     # nodes are a launcher's job (torchrun in the pod, or a PyTorchJob).
-    summary = run_finetune(Path(data_dir), base_model, work.root / "models" / "finetune",
+    summary = run_finetune(Path(data_dir), base_model, work.models / "finetune",
                            cfg=config_from_json(config_json), workdir=work,
                            parent_run_id=parent_run_id or None, quiet=quiet)
     print(json.dumps({"model_dir": summary["model_dir"]}))

@@ -25,7 +25,7 @@ def pretrain(
     from vidops.tracking.workdir import Workdir
 
     work = Workdir.at(workdir)
-    summary = run_pretrain(Path(data_dir), work.root / "models" / "pretrain",
+    summary = run_pretrain(Path(data_dir), work.models / "pretrain",
                            cfg=config_from_json(config_json), workdir=work,
                            parent_run_id=parent_run_id or None, quiet=quiet)
     print(json.dumps({"model_dir": summary["model_dir"]}))

@@ -54,7 +54,7 @@ def _models_trained(workdir: Workdir, parent_run_id: str) -> list[dict[str, Any]
     from vidops.stages.training import TRAINING_JSON
 
     found = []
-    for summary_file in sorted((workdir.root / "models").glob(f"*/{TRAINING_JSON}")):
+    for summary_file in sorted((workdir.models).glob(f"*/{TRAINING_JSON}")):
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
         if summary.get("parent_run_id") == parent_run_id:
             found.append({k: summary.get(k) for k in (

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
+from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from safetensors.torch import load_file
 
 from tests.conftest import make_curated
-from vidops.config import Config, load_config
+from vidops.config import Config, ConfigError, load_config
 from vidops.models.folder import (
     apply_lora,
     encode_config_for,
@@ -29,10 +32,12 @@ from vidops.models.folder import (
 )
 from vidops.models.lora import LORA_WEIGHTS
 from vidops.models.sampling import generate
+from vidops.models.text import TextEncoder, default_text_model_dir
 from vidops.stage import StageError
 from vidops.stages.encode import run_encode
 from vidops.stages.finetune import finetune
 from vidops.stages.pretrain import pretrain
+from vidops.stages.training import encoded_dataset
 from vidops.tracking.workdir import Workdir
 from vidops.train.loop import FAULT_KILL_ENV
 
@@ -186,3 +191,88 @@ def test_sft_with_deepspeed_zero2_on_two_processes_saves_a_model_that_generates(
     video = generate(tuned, ["a purple clip 100"], seed=0, steps=3, guidance_scale=3.0,
                      sampler="ddim")
     assert video.shape == (1, 5, 32, 32, 3)
+
+
+# CogVideoX-2b's published scheduler (scheduler/scheduler_config.json of THUDM/CogVideoX-2b).
+COGVIDEOX_2B_SCHEDULER = {
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+    "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True, "set_alpha_to_one": True, "snr_shift_scale": 3.0,
+    "steps_offset": 0, "timestep_spacing": "trailing"}
+
+
+def _tiny_cogvideox_pipeline(out: Path, vae_dir: Path, latent_shape: list[int]) -> Path:
+    """A diffusers CogVideoX pipeline folder, as `save_pretrained` writes one, of a random tiny
+    transformer (shaped for `latent_shape`), the given VAE, CogVideoX-2b's scheduler and the
+    packaged MiniLM in the text encoder's place (no T5 here; the slot takes any encoder)."""
+    channels, frames, height, width = latent_shape
+    CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=channels,
+        out_channels=channels, time_embed_dim=32, text_embed_dim=384, num_layers=1,
+        sample_width=width, sample_height=height, sample_frames=frames, patch_size=2,
+        temporal_compression_ratio=1, max_text_seq_length=32,
+    ).save_pretrained(out / "transformer")
+    CogVideoXDDIMScheduler(**COGVIDEOX_2B_SCHEDULER).save_pretrained(out / "scheduler")
+    shutil.copytree(vae_dir, out / "vae")
+    for part in ("text_encoder", "tokenizer"):
+        shutil.copytree(default_text_model_dir(), out / part)
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "CogVideoXPipeline", "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+        "text_encoder": ["transformers", "BertModel"],
+        "tokenizer": ["transformers", "BertTokenizerFast"],
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    return out
+
+
+def test_lora_on_a_cogvideox_pipeline_loads_into_diffusers_and_changes_its_output(
+        base: tuple, tmp_path: Path) -> None:
+    workdir, base_dir, data = base
+    encoding = encoded_dataset(data)[2]
+    latent_shape = encoding["latent_shape"]
+    pipe_dir = _tiny_cogvideox_pipeline(tmp_path / "tiny-cogvideox", base_dir / "vae",
+                                        latent_shape)
+    out = tmp_path / "cogvideox-lora"
+    finetune(data, str(pipe_dir), out, cfg=_cfg("finetune.train.steps=3"), workdir=workdir,
+             method="lora", quiet=True)
+
+    # The pipeline was imported as a base: CogVideoX's own noise schedule, no vidops lineage.
+    card = json.loads((out / "vidops_model.json").read_text())
+    imported = Path(card["base"]["path"])
+    imported_card = json.loads((imported / "vidops_model.json").read_text())
+    assert imported_card["kind"] == "imported" and imported_card["data"] is None
+    assert imported_card["source"]["path"] == str(pipe_dir)
+    scheduler = json.loads((imported / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "CogVideoXDDIMScheduler"
+    assert scheduler["snr_shift_scale"] == 3.0
+
+    # Only the adapters trained.
+    weights = load_file(str(out / "adapter" / LORA_WEIGHTS))
+    assert weights and all(k.startswith("transformer.") and ".lora_" in k for k in weights)
+    assert card["training"]["trainable_parameters"] == sum(t.numel() for t in weights.values())
+
+    # diffusers' own pipeline takes the adapter file, and it changes what the pipeline makes.
+    pipe = CogVideoXPipeline.from_pretrained(pipe_dir)
+    text = TextEncoder(pipe_dir, max_length=32)
+    prompt, empty = text.encode(["a purple clip 100"])[0], text.encode([""])[0]
+    frames, height, width = (encoding["params"][k] for k in ("frames", "height", "width"))
+
+    def run() -> torch.Tensor:
+        return pipe(prompt_embeds=prompt, negative_prompt_embeds=empty, num_frames=frames,
+                    height=height, width=width, num_inference_steps=2,
+                    guidance_scale=3.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).frames
+
+    before = run()
+    pipe.load_lora_weights(str(out / "adapter"))
+    assert (run() - before).abs().max() > 1e-4
+    # The fine-tune folder is a model vidops generates from.
+    assert _video(out).shape == (5, 32, 32, 3)
+
+
+def test_cogvideox_frame_counts_must_be_8n_plus_1() -> None:
+    cfg = load_config(Path("configs/cogvideox-2b-lora.yaml"))
+    assert cfg.encode.frames == 49
+    with pytest.raises(ConfigError, match=r"8N\+1.*got 48, nearest valid: 41 or 49"):
+        load_config(Path("configs/cogvideox-2b-lora.yaml"), ["encode.frames=48"])

@@ -118,6 +118,34 @@ def test_objective_and_sampler_combinations_train_and_sample(
     assert latents.shape == (1, *item["latents"].shape) and torch.isfinite(latents).all()
 
 
+def test_a_base_models_scheduler_sets_the_noise_process() -> None:
+    """A fine-tune of CogVideoX trains under CogVideoX's own schedule (zero terminal SNR,
+    shifted by snr_shift_scale), not a generic one of the same name, and samples with it."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    from vidops.train.objectives import Objective, sampler_for
+
+    cogvideox = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0,
+        timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+    config = {"_class_name": "CogVideoXDDIMScheduler", **cogvideox.config}
+    objective = Objective("v_prediction", beta_schedule="scaled_linear", min_snr_gamma=5.0,
+                          scheduler_config=config)
+    x0 = torch.randn(64, 4, 2, 3, 3)
+    batch = objective.noise(x0, torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    eps = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, 1000, (64,), generator=generator)
+    assert torch.allclose(batch.noisy, cogvideox.add_noise(x0, eps, t), atol=1e-6)
+    assert torch.allclose(batch.target, cogvideox.get_velocity(x0, eps, t), atol=1e-6)
+    assert torch.isfinite(batch.weights).all()  # SNR 0 at the last step: weights stay finite
+    assert objective.scheduler_config() == config
+    assert isinstance(sampler_for(config, "ddim"), CogVideoXDDIMScheduler)
+    with pytest.raises(ValueError, match="predicts 'v_prediction'"):
+        Objective("epsilon", scheduler_config=config)
+
+
 def test_flow_matching_refuses_min_snr(encoded: tuple, tmp_path: Path) -> None:
     _, data = encoded
     with pytest.raises(ValueError, match="min-SNR"):

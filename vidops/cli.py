@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a shard file (by clip_id): encode only the clips it lists")
     p.add_argument("--vae-from-model", default=None, metavar="MODEL",
                    help="encode in this model's latent space (its VAE, text encoder and clip "
-                   "geometry): data to fine-tune it on")
+                   "geometry): data to fine-tune it on; a model folder, MLflow URI or diffusers "
+                   "CogVideoX pipeline (folder or hub id)")
 
     p = sub.add_parser("merge-encoded", parents=[common],
                        help="merge encoded shards into one latent dataset")
@@ -115,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an encoded dataset in the base's latent space "
                    "(default <workdir>/data/finetune-encoded)")
     p.add_argument("--base", required=True,
-                   help="a model folder or an MLflow model URI (models:/vidgen@champion)")
+                   help="a model folder, an MLflow model URI (models:/vidgen@champion), or a "
+                   "diffusers CogVideoX pipeline: a folder or hub id (THUDM/CogVideoX-2b), "
+                   "imported once into <workdir>/models/imported/")
     p.add_argument("--method", choices=["lora", "sft"], default=None,
                    help="default: finetune.method")
     p.add_argument("--out", type=Path, default=None,
@@ -134,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", parents=[common], help="text to video with a trained model")
     p.add_argument("--model", required=True,
-                   help="a model folder or an MLflow model URI (models:/vidgen@champion)")
+                   help="a model folder, an MLflow model URI (models:/vidgen@champion), or a "
+                   "diffusers CogVideoX pipeline: a folder or hub id (THUDM/CogVideoX-2b), "
+                   "imported once into <workdir>/models/imported/")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", type=Path, required=True, help="the MP4 to write")
     p.add_argument("--seed", type=int, default=None, help="default: the config's seed")
@@ -277,7 +282,7 @@ def _pretrain(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
 
     try:
         summary = pretrain(args.data or workdir.stage_dir("encoded"),
-                           args.out or workdir.root / "models" / "pretrain", cfg=cfg,
+                           args.out or workdir.models / "pretrain", cfg=cfg,
                            workdir=workdir, resume=args.resume, quiet=args.quiet)
     except (TrainError, FileNotFoundError, ValueError) as exc:
         print(f"vidops: error: {exc}", file=sys.stderr)
@@ -310,7 +315,7 @@ def _finetune(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
         mlflow_runs.configure(cfg, workdir)
     try:
         summary = finetune(args.data or workdir.stage_dir("finetune-encoded"), args.base,
-                           args.out or workdir.root / "models" / "finetune", cfg=cfg,
+                           args.out or workdir.models / "finetune", cfg=cfg,
                            workdir=workdir, method=method, merge=args.merge,
                            resume=args.resume, quiet=args.quiet)
     except (TrainError, ModelFolderError, AdapterError, FileNotFoundError, ValueError) as exc:
@@ -383,10 +388,12 @@ def _run_data_stage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> 
         from vidops.stages.encode import run_encode
 
         if args.vae_from_model:
-            from vidops.models.folder import encode_config_for, resolve_model
+            from vidops.models.folder import encode_config_for
+            from vidops.models.imported import resolve_base
 
-            cfg = encode_config_for(cfg, resolve_model(args.vae_from_model,
-                                                       workdir.root / "downloads"))
+            cfg = encode_config_for(cfg, resolve_base(
+                args.vae_from_model, cfg=cfg, models_dir=workdir.models,
+                download_dir=workdir.root / "downloads"))
         info = run_encode(args.in_dir or workdir.stage_dir("curated"),
                           args.out or workdir.stage_dir("encode"), shard_file=args.shard,
                           cfg=cfg, workdir=workdir, quiet=args.quiet)

@@ -267,6 +267,19 @@ class Config(_Strict):
             raise ValueError("; ".join(_problems(exc, prefix="finetune.train."))) from None
         return self
 
+    @model_validator(mode="after")
+    def _cogvideox_frames_valid(self) -> Config:
+        # A pretrained CogVideoX (with its 4x-in-time VAE) trains on 8N+1 frames only; say so
+        # at load time, with the nearest valid counts, not deep inside a training step.
+        if self.models.transformer.arch == "cogvideox" and self.models.transformer.path:
+            from vidops.models.frames import check_cogvideox_train_frames
+
+            try:
+                check_cogvideox_train_frames(self.encode.frames)
+            except ValueError as exc:
+                raise ValueError(f"encode.frames: {exc}") from None
+        return self
+
     def finetune_train(self) -> TrainConfig:
         """The training settings of a fine-tune: `train` with `finetune.train` replaced."""
         return TrainConfig.model_validate({**self.train.model_dump(),

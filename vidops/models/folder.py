@@ -137,12 +137,20 @@ def write_lora_folder(
 
 
 def model_card_markdown(card: dict[str, Any]) -> str:
-    data = card.get("data", {})
+    data = card.get("data") or {}
+    if card.get("kind") == "imported":
+        training = (f"| training | outside vidops: imported from `{card['source']['pipeline']}`"
+                    f" ({card['source']['class']}) |")
+    else:
+        training = (f"| training | {card['training']['steps']} steps, final loss "
+                    f"{card['training'].get('final_loss', float('nan')):.4f} |")
     lines = [
         f"# {card.get('name', 'vidops model')}",
         "",
-        f"Text-to-video latent diffusion, {card['arch']} ({card.get('size')}) trained by "
-        f"`vidops {card.get('kind', 'pretrain')}` with the {card['objective']} objective.",
+        f"Text-to-video latent diffusion, {card['arch']} ({card.get('size')}) trained "
+        + ("outside vidops" if card.get("kind") == "imported"
+           else f"by `vidops {card.get('kind', 'pretrain')}`")
+        + f" with the {card['objective']} objective.",
         "",
         "| | |",
         "| --- | --- |",
@@ -152,14 +160,14 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         f"| text encoder | {card['text_encoder']['identity']} |",
         f"| VAE | {card['vae']['digest']} |",
         f"| parameters | {card.get('parameters', 0):,} |",
-        f"| training | {card['training']['steps']} steps, final loss "
-        f"{card['training'].get('final_loss', float('nan')):.4f} |",
+        training,
         f"| MLflow run | {card.get('mlflow_run_id')} |",
         "",
         "## Data lineage",
         "",
         f"{data.get('clips', 0)} clips from {data.get('sources', 0)} source videos; "
-        f"licenses: {', '.join(data.get('licenses') or ['none recorded'])}.",
+        f"licenses: {', '.join(data.get('licenses') or ['none recorded'])}."
+        if card.get("data") is not None else "Not recorded: trained outside vidops.",
         "",
         "| dataset | DVC md5 | MLflow run |",
         "| --- | --- | --- |",
@@ -189,8 +197,8 @@ class LoadedModel:
     path: Path
     card: dict[str, Any]
     denoiser: Denoiser
-    vae: Any
-    text: TextEncoder
+    vae: Any  # None when loaded without codecs
+    text: TextEncoder | None
     empty_caption: dict[str, torch.Tensor]
     scheduler_config: dict[str, Any]
     device: torch.device
@@ -254,15 +262,16 @@ def adapter_dir(path: Path) -> Path:
 
 
 def load_model_folder(path: Path, device: str | torch.device = "cpu", *,
-                      lora_scale: float = 1.0, download_dir: Path | None = None
-                      ) -> LoadedModel:
+                      lora_scale: float = 1.0, download_dir: Path | None = None,
+                      codecs: bool = True) -> LoadedModel:
     """The model at `path`, ready to sample. A LoRA fine-tune loads its base and applies its
-    adapter at `lora_scale`."""
+    adapter at `lora_scale`. Without `codecs`, the VAE and text encoder are not loaded (vae
+    and text None): what training on encoded data needs."""
     path = Path(path)
     card = read_card(path)
     if card.get("base") and not (path / "transformer").is_dir():
         base_path = _base_folder(path, card, download_dir)
-        base = load_model_folder(base_path, device)
+        base = load_model_folder(base_path, device, codecs=codecs)
         apply_lora(base, path / ADAPTER_DIR, lora_scale)
         base.path, base.card, base.base_path = path, card, base_path
         return base
@@ -272,20 +281,22 @@ def load_model_folder(path: Path, device: str | torch.device = "cpu", *,
     if cls is None:
         raise ModelFolderError(f"{path}: unknown transformer class {index['transformer'][1]}")
     transformer = cls.from_pretrained(path / "transformer")
-    vae_source = path / "vae" if (path / "vae").is_dir() else card["vae"]["path"]
-    vae = load_vae(vae_source)
-    text_ref = card["text_encoder"]
-    text = TextEncoder(text_ref["path"], max_length=int(text_ref["max_length"]), device=device)
-    if text.identity != text_ref["identity"]:
-        raise ModelFolderError(
-            f"{path}: the text encoder at {text_ref['path'] or text_ref['name']} is "
-            f"{text.identity}, the model was trained with {text_ref['identity']}")
+    vae = text = None
+    if codecs:
+        vae_source = path / "vae" if (path / "vae").is_dir() else card["vae"]["path"]
+        vae = load_vae(vae_source).to(device).eval().requires_grad_(False)
+        text_ref = card["text_encoder"]
+        text = TextEncoder(text_ref["path"], max_length=int(text_ref["max_length"]),
+                           device=device)
+        if text.identity != text_ref["identity"]:
+            raise ModelFolderError(
+                f"{path}: the text encoder at {text_ref['path'] or text_ref['name']} is "
+                f"{text.identity}, the model was trained with {text_ref['identity']}")
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     empty = load_file(str(path / EMPTY_CAPTION))
     layout = CaptionLayout.from_pretrained(path / "layout") if "layout" in index else None
     denoiser = Denoiser(transformer, layout).to(device).eval().requires_grad_(False)
-    return LoadedModel(path, card, denoiser, vae.to(device).eval().requires_grad_(False), text,
-                       empty, scheduler_config, device)
+    return LoadedModel(path, card, denoiser, vae, text, empty, scheduler_config, device)
 
 
 def encode_config_for(cfg: Config, model_dir: Path) -> Config:

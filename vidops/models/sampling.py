@@ -77,6 +77,9 @@ def generate(
     negative_prompt: str = "",
 ) -> np.ndarray:
     """RGB uint8 videos [B, F, H, W, 3], one per prompt; the same seed gives the same videos."""
+    if model.text is None or model.vae is None:
+        raise ValueError(f"{model.path} was loaded without its VAE and text encoder "
+                         "(codecs=False): it cannot turn prompts into videos")
     text, mask = model.text.encode(list(prompts))
     if negative_prompt:
         uncond, uncond_mask = model.text.encode([negative_prompt] * len(prompts))

@@ -107,7 +107,7 @@ def _prepare_vae(ctx: StageContext, clips: pd.DataFrame, in_dir: Path) -> tuple[
     span = (enc.frames - 1) * enc.stride + 1
     ordered = clips[_frame_counts(clips) >= span].sort_values("clip_id")
     inputs = [(in_dir / p, file_digest(in_dir / p)) for p in ordered["path"]]
-    models = ctx.workdir.root / "models"
+    models = ctx.workdir.models
     with _exclusive(models / ".vae-bootstrap.lock"), ctx.timed("vae_bootstrap"):
         result = load_or_bootstrap_vae(inputs, ctx.cfg, models, progress=not ctx.quiet)
     if not result.reused:

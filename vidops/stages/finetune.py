@@ -31,11 +31,12 @@ from vidops.models.folder import (
     LoadedModel,
     load_model_folder,
     merge_into_folder,
-    resolve_model,
     transformer_digest,
     write_lora_folder,
     write_model_folder,
 )
+from vidops.models.frames import check_cogvideox_train_frames
+from vidops.models.imported import resolve_base
 from vidops.models.lora import add_lora
 from vidops.models.transformer import Denoiser
 from vidops.stage import StageError
@@ -69,8 +70,11 @@ def finetune(
     # DeepSpeed needs a process group even for one process.
     dist = init_distributed(cfg.finetune_train().device, always_group=method == "sft")
     try:
-        base_dir = resolve_model(base, workdir.root / "downloads")
-        model = load_model_folder(base_dir, dist.device, download_dir=workdir.root / "downloads")
+        downloads = workdir.root / "downloads"
+        base_dir = resolve_base(base, cfg=cfg, models_dir=workdir.models, download_dir=downloads)
+        # Training needs the denoiser only: the data is encoded, samples load their own VAE
+        # and text encoder (a CogVideoX base's T5 alone is 4.7B parameters).
+        model = load_model_folder(base_dir, dist.device, download_dir=downloads, codecs=False)
         job = _job(Path(data_dir).resolve(), Path(out_dir).resolve(), cfg, str(base),
                    base_dir.resolve(), model, method, merge, dist.world_size, dist.device)
         return run_training(job, workdir=workdir, dist=dist, parent_run_id=parent_run_id,
@@ -83,10 +87,17 @@ def check_data_fits_base(data_dir: Path, encoding: dict[str, Any], card: dict[st
                          ) -> None:
     """The data must be in the base's latent space, at the base's latent size."""
     problems = []
+    if card["arch"] == "cogvideox" and card["latent"]["shape"][1] < card["video"]["frames"]:
+        # A VAE that compresses time (CogVideoX's own, 4x): CogVideoX trains on 8N+1 frames.
+        try:
+            check_cogvideox_train_frames(int(encoding["params"]["frames"]))
+        except ValueError as exc:
+            problems.append(str(exc))
     if encoding["vae"]["digest"] != card["vae"]["digest"]:
         problems.append(f"it was encoded with VAE {encoding['vae']['digest'][:19]}, the base "
                         f"uses {card['vae']['digest'][:19]}")
-    if encoding["text_encoder"]["identity"] != card["text_encoder"]["identity"]:
+    # The same weights and tokenizer give the same embeddings, wherever they were loaded from.
+    if _digest(encoding["text_encoder"]["identity"]) != _digest(card["text_encoder"]["identity"]):
         problems.append(f"its captions were embedded by {encoding['text_encoder']['identity']}"
                         f", the base's by {card['text_encoder']['identity']}")
     if list(encoding["latent_shape"]) != list(card["latent"]["shape"]):
@@ -96,6 +107,10 @@ def check_data_fits_base(data_dir: Path, encoding: dict[str, Any], card: dict[st
         raise StageError(f"{data_dir} does not fit the base model: {'; '.join(problems)}. "
                          "Encode the fine-tune data in the base's latent space: vidops encode "
                          "--vae-from-model BASE")
+
+
+def _digest(identity: str) -> str:
+    return identity.rpartition("@")[2]
 
 
 def finetune_train_config(cfg: Config, base_card: dict[str, Any]) -> TrainConfig:

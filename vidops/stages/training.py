@@ -158,7 +158,8 @@ def run_training(job: TrainingJob, *, workdir: Workdir, dist: DistInfo,
         trainer = Trainer(job.denoiser, dataset, job.train, out_dir=out_dir, seed=cfg.seed,
                           dist=dist, empty_caption=dataset.empty_caption(),
                           settings_digest=settings, latent_scale=scale, sample_fn=sample_fn,
-                          resume=resume, quiet=quiet, deepspeed=job.deepspeed)
+                          resume=resume, quiet=quiet, deepspeed=job.deepspeed,
+                          scheduler_config=job.scheduler_config)
         clock = time.perf_counter()
         result = trainer.run()
         seconds = time.perf_counter() - clock

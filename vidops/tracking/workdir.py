@@ -40,6 +40,11 @@ class Workdir:
         return self.root / "datasets"
 
     @property
+    def models(self) -> Path:
+        """Model folders: what pretrain and fine-tune write, VAE bootstraps, imported bases."""
+        return self.root / "models"
+
+    @property
     def run_summary(self) -> Path:
         return self.root / "run-summary.json"
 

@@ -171,6 +171,7 @@ class Trainer:
         resume: ResumeMode = "auto",
         quiet: bool = False,
         deepspeed: dict[str, Any] | None = None,
+        scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.seed, self.dist = cfg, seed, dist
         self.dataset = dataset
@@ -180,7 +181,8 @@ class Trainer:
         self.latent_scale = latent_scale
         self.sample_fn, self.resume, self.quiet = sample_fn, resume, quiet
         self.device = dist.device
-        self.objective = Objective.from_config(cfg)
+        # A fine-tune trains under its base's noise schedule (`scheduler_config`).
+        self.objective = Objective.from_config(cfg, scheduler_config)
 
         self.model = denoiser.to(self.device)
         self.model.train()

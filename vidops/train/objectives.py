@@ -17,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import (
+    CogVideoXDDIMScheduler,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
@@ -43,7 +45,8 @@ class Objective:
     sampling, and the scheduler config a model folder records."""
 
     def __init__(self, name: str, *, beta_schedule: str = "squaredcos_cap_v2",
-                 num_train_timesteps: int = 1000, min_snr_gamma: float | None = None) -> None:
+                 num_train_timesteps: int = 1000, min_snr_gamma: float | None = None,
+                 scheduler_config: dict[str, Any] | None = None) -> None:
         if name not in OBJECTIVES:
             raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
         if name == "flow_matching" and min_snr_gamma is not None:
@@ -53,18 +56,38 @@ class Objective:
         self.beta_schedule = beta_schedule
         self.num_train_timesteps = num_train_timesteps
         self.min_snr_gamma = min_snr_gamma
-        if name != "flow_matching":
+        self._given_config = scheduler_config
+        if scheduler_config is not None:
+            # A base model's own noise process (a fine-tune must train under the schedule its
+            # base learned, e.g. CogVideoX's scaled-linear betas rescaled to zero terminal SNR
+            # and shifted by snr_shift_scale): its scheduler noises and gives the v target.
+            if objective_of(scheduler_config) != name:
+                raise ValueError(f"objective {name!r} does not match the scheduler config, "
+                                 f"which predicts {objective_of(scheduler_config)!r}")
+            if name != "flow_matching":
+                cls = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
+                if cls is None or not hasattr(cls, "get_velocity"):
+                    cls = DDPMScheduler
+                self.ddpm = cls.from_config(scheduler_config)
+                self.num_train_timesteps = int(self.ddpm.config.num_train_timesteps)
+        elif name != "flow_matching":
             self.ddpm = DDPMScheduler(num_train_timesteps=num_train_timesteps,
                                       beta_schedule=beta_schedule, prediction_type=name,
                                       clip_sample=False)
-            alphas = self.ddpm.alphas_cumprod
-            self._snr = alphas / (1 - alphas)
+        if name != "flow_matching":
+            alphas = self.ddpm.alphas_cumprod.float()
+            # Zero terminal SNR (CogVideoX) makes the last SNR 0: floored (at the smallest
+            # float, which no other schedule reaches) so that min-SNR weights stay finite.
+            self._snr = (alphas / (1 - alphas)).clamp_min(torch.finfo(torch.float32).tiny)
 
     @classmethod
-    def from_config(cls, train: Any) -> Objective:
+    def from_config(cls, train: Any, scheduler_config: dict[str, Any] | None = None
+                    ) -> Objective:
+        """The objective `train` names; under `scheduler_config` (a base model's), with that
+        scheduler's noise schedule."""
         return cls(train.objective, beta_schedule=train.beta_schedule,
                    num_train_timesteps=train.num_train_timesteps,
-                   min_snr_gamma=train.min_snr_gamma)
+                   min_snr_gamma=train.min_snr_gamma, scheduler_config=scheduler_config)
 
     def noise(self, x0: torch.Tensor, generator: torch.Generator) -> NoisedBatch:
         batch = x0.shape[0]
@@ -93,6 +116,8 @@ class Objective:
 
     def scheduler_config(self) -> dict[str, Any]:
         """What a model folder's scheduler/ records: the training schedule and objective."""
+        if self._given_config is not None:
+            return dict(self._given_config)
         scheduler = (FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps)
                      if self.name == "flow_matching" else self.ddpm)
         return {"_class_name": type(scheduler).__name__, **scheduler.config}
@@ -128,6 +153,12 @@ def sampler_for(scheduler_config: dict[str, Any], name: str) -> SchedulerMixin:
     # stays finite there, so it may start from it (trailing spacing); epsilon starts one
     # stride lower (leading spacing, Stable Diffusion's offset), and DPM-Solver clips lambda
     # as diffusers advises for cosine schedules.
+    if str(scheduler_config.get("_class_name", "")).startswith("CogVideoX"):
+        # CogVideoX's schedulers carry its SNR shift, which the generic ones would drop.
+        if name != "ddim":
+            raise ValueError("a CogVideoX model samples with the ddim sampler (its own "
+                             f"CogVideoXDDIMScheduler), not {name!r}")
+        return CogVideoXDDIMScheduler.from_config(scheduler_config)
     spacing = "trailing" if objective == "v_prediction" else "leading"
     if name == "ddim":
         return DDIMScheduler.from_config(scheduler_config, timestep_spacing=spacing,
