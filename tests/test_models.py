@@ -49,7 +49,7 @@ from vidops.models import vae as vae_module
 # foreground weighting and channel shuffling give up a little PSNR for colour fidelity.
 BOOT = ["models.vae.bootstrap.steps=150", "models.vae.bootstrap.batch_size=2",
         "models.vae.bootstrap.learning_rate=2e-3", "models.vae.bootstrap.holdout_clips=1",
-        "models.vae.bootstrap.foreground_weight=0", "models.vae.bootstrap.colour_augment=false"]
+        "models.vae.bootstrap.foreground_weight=0", "models.vae.bootstrap.colour_augment=0"]
 PSNR_FLOOR = 20.0
 OVER_BLACK_DB = 2.0
 
@@ -338,7 +338,7 @@ def test_default_bootstrap_keeps_every_colour(tmp_path: Path) -> None:
 def test_colour_augmented_bootstrap_keeps_a_colour_its_corpus_lacks(tmp_path: Path) -> None:
     """With shuffled channels the VAE also encodes purple, which only the fine-tune corpus
     has (measured: 6 of 6 clips; without: 0 of 6, all blue)."""
-    cfg = load_config("tiny", ["models.vae.bootstrap.colour_augment=true"])
+    cfg = load_config("tiny", ["models.vae.bootstrap.colour_augment=1"])
     report = write_samples(tmp_path / "shapes", "shapes", count=cfg.samples.counts.shapes)
     result = vae_module.bootstrap_vae(report.files, cfg, tmp_path / "vae")
     novel = write_samples(tmp_path / "purple", "shapes-finetune", count=6)

@@ -124,7 +124,7 @@ class VaeBootstrapConfig(_Strict):
     learning_rate: float = Field(gt=0)
     kl_weight: float = Field(ge=0)
     foreground_weight: float = Field(ge=0)
-    colour_augment: bool
+    colour_augment: float = Field(ge=0, le=1)
     holdout_clips: int = Field(ge=1)
 
 

@@ -299,8 +299,8 @@ def bootstrap_vae(
         vae.train()
         for _ in tqdm(range(boot.steps), desc="VAE bootstrap", disable=not progress):
             batch = _sample_windows(train, boot.batch_size, enc.frames, enc.stride, crop, picker)
-            if boot.colour_augment:
-                batch = _permute_colours(batch, picker)
+            if boot.colour_augment > 0:
+                batch = _permute_colours(batch, picker, boot.colour_augment)
             batch = batch.to(device)
             posterior = vae.encode(batch).latent_dist
             # The decoder learns from the posterior mean, which is what encode caches and the
@@ -354,14 +354,17 @@ def _reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, foreground_w
     return (weight * (recon - target) ** 2).mean() / weight.mean()
 
 
-def _permute_colours(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Each clip with its RGB channels in a random order. A VAE bootstrapped on a few
-    colours otherwise learns those colours rather than colour: on the shapes corpus (red,
-    green, blue, yellow) it decoded purple as blue in 6 of 6 fine-tune clips, so no model
-    could learn purple on top of it; with permuted channels it keeps purple in 6 of 6. (The
-    tiny denoiser then learned the corpus's own colours worse: off by default.)"""
+def _permute_colours(batch: torch.Tensor, gen: torch.Generator, fraction: float
+                     ) -> torch.Tensor:
+    """A `fraction` of the clips with their RGB channels in a random order. A VAE
+    bootstrapped on a few colours otherwise learns those colours rather than colour: on the
+    shapes corpus (red, green, blue, yellow) it decoded purple as blue in 6 of 6 fine-tune
+    clips, so no model could learn purple on top of it; with permuted channels it keeps
+    purple in 6 of 6."""
+    chosen = torch.rand(len(batch), generator=gen) < fraction
     order = torch.stack([torch.randperm(3, generator=gen) for _ in range(len(batch))])
-    return torch.stack([clip[perm] for clip, perm in zip(batch, order, strict=True)])
+    return torch.stack([clip[perm] if pick else clip
+                        for clip, perm, pick in zip(batch, order, chosen, strict=True)])
 
 
 def _train_crop(height: int, width: int, ratio: int) -> tuple[int, int]:
