@@ -1,6 +1,6 @@
 """Prompt-adherence ablation: which settings teach a small model colour AND direction on CPU.
 
-    python -m benchmarks.adherence [--budget 300] [--only NAME ...] [--dir DIR] [--clips N]
+    python -m benchmarks.adherence [--budget 120] [--only NAME ...] [--dir DIR] [--clips N]
 
 Curates the shapes corpus once (`vidops run --pipeline curation`, tiny profile, `--clips`
 shapes clips), then for each setting below: encodes the curated clips as that setting asks
@@ -73,8 +73,9 @@ def _steps_for_budget(data: Path, out: Path, overrides: list[str], budget: float
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=300.0,
-                        help="training seconds per setting")
+    parser.add_argument("--budget", type=float, default=120.0,
+                        help="training seconds per setting (default 120: about the "
+                        "pretrain time of `make run`)")
     parser.add_argument("--clips", type=int, default=96, help="shapes clips to curate")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/vidops-bench-adherence"))
     parser.add_argument("--only", nargs="*", default=None, help="setting names to run")

@@ -243,6 +243,9 @@ def test_lora_on_a_cogvideox_pipeline_loads_into_diffusers_and_changes_its_outpu
     imported_card = json.loads((imported / "vidops_model.json").read_text())
     assert imported_card["kind"] == "imported" and imported_card["data"] is None
     assert imported_card["source"]["path"] == str(pipe_dir)
+    assert imported_card["latent"]["shape"] == latent_shape
+    transformer = CogVideoXTransformer3DModel.from_pretrained(pipe_dir / "transformer")
+    assert imported_card["parameters"] == sum(p.numel() for p in transformer.parameters())
     scheduler = json.loads((imported / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "CogVideoXDDIMScheduler"
     assert scheduler["snr_shift_scale"] == 3.0

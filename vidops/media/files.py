@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -14,6 +17,26 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Every file under src placed at the same place under dst by `link_or_copy`."""
+    for path in sorted(Path(src).rglob("*")):
+        if path.is_file():
+            link_or_copy(path, Path(dst) / path.relative_to(src))
+
+
+@contextmanager
+def exclusive_lock(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_file` (created if missing): one process at a time in
+    a section that creates a shared artefact (a VAE bootstrap, an imported base)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def move(src: Path, dst: Path) -> None:

@@ -37,7 +37,7 @@ from diffusers import CogVideoXTransformer3DModel, LatteTransformer3DModel
 from safetensors.torch import load_file
 
 from vidops.config import Config
-from vidops.media.files import link_or_copy
+from vidops.media.files import link_tree
 from vidops.models.lora import ADAPTER_CONFIG, load_lora, merge_lora, save_lora
 from vidops.models.text import TextEncoder
 from vidops.models.transformer import CaptionLayout, Denoiser
@@ -55,12 +55,6 @@ _TRANSFORMERS = {"LatteTransformer3DModel": LatteTransformer3DModel,
 
 class ModelFolderError(ValueError):
     """Not a vidops model folder, or one whose parts do not fit together."""
-
-
-def _copy_tree(src: Path, dst: Path) -> None:
-    for path in sorted(src.rglob("*")):
-        if path.is_file():
-            link_or_copy(path, dst / path.relative_to(src))
 
 
 def write_model_folder(
@@ -85,7 +79,7 @@ def write_model_folder(
     (scheduler_dir / "scheduler_config.json").write_text(
         json.dumps(scheduler_config, indent=2, default=str) + "\n")
     if vae_dir is not None:
-        _copy_tree(vae_dir, out / "vae")
+        link_tree(vae_dir, out / "vae")
     shutil.copyfile(empty_caption, out / EMPTY_CAPTION)
     index = {"_class_name": "VidopsTextToVideo", "_diffusers_version": diffusers.__version__,
              "transformer": ["diffusers", type(transformer).__name__],
@@ -120,7 +114,7 @@ def write_lora_folder(
         shutil.rmtree(out / name, ignore_errors=True)
     weights = save_lora(denoiser.transformer, out / ADAPTER_DIR,
                         extra={"base": card["base"]["path"]})
-    _copy_tree(base_dir / "scheduler", out / "scheduler")
+    link_tree(base_dir / "scheduler", out / "scheduler")
     shutil.copyfile(base_dir / EMPTY_CAPTION, out / EMPTY_CAPTION)
     base_index = json.loads((base_dir / MODEL_INDEX).read_text())
     index = {"_class_name": "VidopsTextToVideo", "_diffusers_version": diffusers.__version__,

@@ -15,17 +15,20 @@ vidops base.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import diffusers
 from diffusers import CogVideoXTransformer3DModel
+from safetensors import safe_open
 
 from vidops.config import Config
 from vidops.data.latent_cache import write_empty_caption
-from vidops.media.files import link_or_copy
+from vidops.media.files import exclusive_lock, link_tree
 from vidops.models.folder import (
     CARD,
     CARD_FORMAT,
@@ -37,7 +40,6 @@ from vidops.models.folder import (
 from vidops.models.folder import resolve_model as resolve_vidops_model
 from vidops.models.frames import check_cogvideox_train_frames, latent_frames
 from vidops.models.text import TextEncoder
-from vidops.models.transformer import count_parameters
 from vidops.models.vae import spatial_ratio, temporal_ratio, vae_digest
 from vidops.tracking.workdir import code_version
 from vidops.train.objectives import objective_of
@@ -74,6 +76,16 @@ def pipeline_folder(ref: str | Path) -> Path:
                                ) from exc
 
 
+def _stored_parameters(folder: Path) -> int:
+    """Parameters in a folder's safetensors files, read from their headers."""
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as tensors:
+            names = tensors.keys()  # a safe_open handle is not iterable itself
+            total += sum(math.prod(tensors.get_slice(k).get_shape()) for k in names)
+    return total
+
+
 def import_pipeline(ref: str | Path, out: Path, *, cfg: Config) -> Path:
     """Write the vidops model folder of the diffusers pipeline `ref` at `out`; returns `out`.
 
@@ -89,10 +101,10 @@ def import_pipeline(ref: str | Path, out: Path, *, cfg: Config) -> Path:
     for part in ("transformer", "vae", "scheduler", "text_encoder", "tokenizer"):
         if not (source / part).is_dir():
             raise ModelFolderError(f"{ref} has no {part}/ folder: not a complete {kind}")
-    transformer = PIPELINES[kind].from_pretrained(source / "transformer")
+    # Configs and tensor headers only: the import never holds a 2B transformer in memory.
+    tc = SimpleNamespace(**PIPELINES[kind].load_config(source / "transformer"))
     vae_config = json.loads((source / "vae" / "config.json").read_text())
     scheduler = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
-    tc = transformer.config
     frames = int(tc.sample_frames)
     t_ratio, s_ratio = temporal_ratio(vae_config), spatial_ratio(vae_config)
     if t_ratio > 1:  # CogVideoX's own VAE: 49 frames = 13 latent frames
@@ -107,23 +119,21 @@ def import_pipeline(ref: str | Path, out: Path, *, cfg: Config) -> Path:
     tmp = out.with_name(f".partial-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     for part in ("transformer", "vae"):
-        for path in sorted((source / part).rglob("*")):
-            if path.is_file():
-                link_or_copy(path, tmp / part / path.relative_to(source / part))
+        link_tree(source / part, tmp / part)
     (tmp / "scheduler").mkdir(parents=True)
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     embeds, mask = text.encode([""])
     write_empty_caption(tmp, {"prompt_embeds": embeds[0], "prompt_mask": mask[0]})
     (tmp / MODEL_INDEX).write_text(json.dumps({
         "_class_name": "VidopsTextToVideo", "_diffusers_version": diffusers.__version__,
-        "transformer": ["diffusers", type(transformer).__name__],
+        "transformer": ["diffusers", PIPELINES[kind].__name__],
         "scheduler": ["diffusers", scheduler.get("_class_name", "DDPMScheduler")],
         "vae": ["diffusers", "AutoencoderKLCogVideoX"]}, indent=2) + "\n")
     stride = cfg.encode.stride
     card = {
         "format": CARD_FORMAT, "name": str(ref), "kind": "imported", "arch": "cogvideox",
         "size": "pretrained", "objective": objective_of(scheduler),
-        "parameters": count_parameters(transformer),
+        "parameters": _stored_parameters(source / "transformer"),
         "latent": {"shape": latent_shape, "scale": float(vae_config.get("scaling_factor", 1.0))},
         "video": {"frames": frames, "height": int(tc.sample_height) * s_ratio,
                   "width": int(tc.sample_width) * s_ratio, "stride": stride,
@@ -160,13 +170,15 @@ def resolve_base(ref: str | Path, *, cfg: Config, models_dir: Path,
     slug = re.sub(r"[^\w.-]+", "-", str(ref).strip("/")).strip("-")[-80:] or "pipeline"
     out = models_dir / IMPORTED_DIR / slug
     source = pipeline_folder(ref)
-    if (out / CARD).is_file():
-        card = read_card(out)
-        stamp = (source / "transformer").stat().st_mtime
-        if card.get("source", {}).get("path") == str(source) and \
-                (out / "transformer").stat().st_mtime >= stamp:
-            return out
-    return import_pipeline(ref, out, cfg=cfg)
+    # Every rank of a distributed fine-tune resolves the base: one imports, the rest reuse.
+    with exclusive_lock(models_dir / IMPORTED_DIR / f".{slug}.lock"):
+        if (out / CARD).is_file():
+            card = read_card(out)
+            stamp = (source / "transformer").stat().st_mtime
+            if card.get("source", {}).get("path") == str(source) and \
+                    (out / "transformer").stat().st_mtime >= stamp:
+                return out
+        return import_pipeline(ref, out, cfg=cfg)
 
 
 __all__ = ["IMPORTED_DIR", "PIPELINES", "import_pipeline", "is_pipeline", "pipeline_folder",

@@ -21,10 +21,7 @@ that do not decode as `unreadable`.
 
 from __future__ import annotations
 
-import fcntl
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +40,7 @@ from vidops.data.latent_cache import (
 )
 from vidops.data.manifest import Reason, rejected_frame
 from vidops.data.shards import read_shard
-from vidops.media.files import link_or_copy
+from vidops.media.files import exclusive_lock, link_or_copy, link_tree
 from vidops.models.frames import check_vae_frames, latent_frames
 from vidops.models.text import TextEncoder
 from vidops.models.vae import (
@@ -64,23 +61,6 @@ MERGED = "encoded"
 VAE_DIR = "vae"
 ENCODING_JSON = "encoding.json"
 CACHE_FORMAT = 1  # bump when what is stored per clip changes: every key changes with it
-
-
-@contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    for path in sorted(src.rglob("*")):
-        if path.is_file():
-            link_or_copy(path, dst / path.relative_to(src))
 
 
 def clip_digest(path: Path, caption: str) -> str:
@@ -108,12 +88,12 @@ def _prepare_vae(ctx: StageContext, clips: pd.DataFrame, in_dir: Path) -> tuple[
     ordered = clips[_frame_counts(clips) >= span].sort_values("clip_id")
     inputs = [(in_dir / p, file_digest(in_dir / p)) for p in ordered["path"]]
     models = ctx.workdir.models
-    with _exclusive(models / ".vae-bootstrap.lock"), ctx.timed("vae_bootstrap"):
+    with exclusive_lock(models / ".vae-bootstrap.lock"), ctx.timed("vae_bootstrap"):
         result = load_or_bootstrap_vae(inputs, ctx.cfg, models, progress=not ctx.quiet)
     if not result.reused:
         mlflow.log_artifacts(str(result.path), artifact_path="vae")
     mlflow.log_metrics(result.metrics())
-    _link_tree(result.path, ctx.out_dir / VAE_DIR)
+    link_tree(result.path, ctx.out_dir / VAE_DIR)
     return result.vae, {
         "source": "bootstrap", "path": str(result.path), "key": result.key,
         "reused": result.reused, "train_clips": result.train_clips,
@@ -242,7 +222,7 @@ def merge_body(ctx: StageContext, in_dirs: list[Path]) -> StageOutcome:
     for name in (EMPTY_CAPTION, ENCODING_JSON):
         link_or_copy(first / name, ctx.out_dir / name)
     if (first / VAE_DIR).is_dir():
-        _link_tree(first / VAE_DIR, ctx.out_dir / VAE_DIR)
+        link_tree(first / VAE_DIR, ctx.out_dir / VAE_DIR)
     return StageOutcome(input_count=len(rows), kept=kept, rejected=rejected_frame([]),
                         input_digest=digest_of(sorted(f.key for f in rows.itertuples())),
                         extra={"encoding": encodings[0], "shards": [str(d) for d in in_dirs]})
