@@ -18,12 +18,10 @@ def encode(
     quiet: bool = True,
 ) -> NamedTuple("EncodeOutputs", out_dir=str, dvc_md5=str, mlflow_run_id=str, kept=int,
                 rejected=int):
-    from pathlib import Path
-
     from vidops.components.publish import publish_stage
     from vidops.config import config_from_json
     from vidops.data.shards import read_shard, shard_settings
-    from vidops.stages.encode import run_encode
+    from vidops.stages.encode import config_for_model, run_encode
     from vidops.tracking.workdir import Workdir
 
     work = Workdir.at(workdir)
@@ -34,9 +32,7 @@ def encode(
     cfg = config_from_json(config_json)
     vae_from_model = shard_settings(shard_file).get("vae_from_model")
     if vae_from_model:  # data for fine-tuning that model: encoded in its latent space
-        from vidops.models.folder import encode_config_for
-
-        cfg = encode_config_for(cfg, Path(vae_from_model))
+        cfg = config_for_model(cfg, vae_from_model, work)
     info = run_encode(in_dir, out_dir, shard_file=shard_file, cfg=cfg, workdir=work,
                       parent_run_id=parent_run_id or None, quiet=quiet)
     return publish_stage(info, manifest)

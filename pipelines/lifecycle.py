@@ -1,13 +1,17 @@
-"""The lifecycle pipeline: source videos in, a trained and fine-tuned model out.
+"""The lifecycle pipeline: source videos in, evaluated and registered models out.
 
     curation (ingest -> filter/annotate fan-out -> merge -> encode fan-out -> merge_encoded)
-    -> pretrain
+    -> pretrain -> evaluate
     -> curation of the fine-tune corpus (the same sub-DAGs, outputs prefixed `finetune-`,
        encoded in the pretrained model's latent space) -> finetune (LoRA by default)
+       -> evaluate (the report compares it with the pretrained model)
+    -> register the pretrained model -> dsl.If(gates) promote
+    -> register the fine-tuned model -> dsl.If(gates) promote
 
-The same sub-DAGs as the curation and training pipelines, wired end to end; the fine-tune
-branch is there when config `pipeline.finetune` is on. Evaluate and register join here as
-they are built.
+Both models are candidates, judged by the same gates: the fine-tune is registered after the
+pretrained model's promotion settled, so it must not regress against the champion that left
+(the pretrained model on a first run). The same sub-DAGs as the curation and training
+pipelines; the fine-tune branch is there when config `pipeline.finetune` is on.
 """
 
 from collections.abc import Callable
@@ -16,6 +20,7 @@ from kfp import dsl
 
 from vidops.config import Config
 from vidops.pipelines.curation import curate, encode
+from vidops.pipelines.promotion import evaluate_task, register_task
 from vidops.pipelines.training import finetune_task, pretrain_task
 
 FINETUNE_DATASET = "finetune"
@@ -24,8 +29,9 @@ FINETUNE_DATASET = "finetune"
 def build(cfg: Config) -> Callable[..., None]:
     @dsl.pipeline(
         name="vidops-lifecycle",
-        description="Curate source videos, encode them, pretrain a text-to-video model and "
-                    "fine-tune it on a second corpus.",
+        description="Curate source videos, encode them, pretrain a text-to-video model, "
+                    "fine-tune it on a second corpus, evaluate both and register them, "
+                    "promoting what passes the gates.",
     )
     def lifecycle_pipeline(
         sources: list,
@@ -40,11 +46,18 @@ def build(cfg: Config) -> Callable[..., None]:
         curated = curate(sources, common)
         encoded = encode(curated.outputs["out_dir"], common)
         pretrained = pretrain_task(encoded.outputs["out_dir"], cfg, common)
+        base = pretrained.outputs["model_dir"]
+        base_eval = evaluate_task(base, common)
+        registered = register_task(base, base_eval.outputs["eval_dir"], common)
         if cfg.pipeline.finetune:
-            base = pretrained.outputs["model_dir"]
             ft_curated = curate(finetune_sources, common, dataset=FINETUNE_DATASET)
             ft_encoded = encode(ft_curated.outputs["out_dir"], common,
                                 dataset=FINETUNE_DATASET, vae_from_model=base)
-            finetune_task(ft_encoded.outputs["out_dir"], base, cfg, common)
+            tuned = finetune_task(ft_encoded.outputs["out_dir"], base, cfg, common)
+            tuned_eval = evaluate_task(tuned.outputs["model_dir"], common,
+                                       compare_label="pretrained base",
+                                       compare_dir=base_eval.outputs["eval_dir"])
+            register_task(tuned.outputs["model_dir"], tuned_eval.outputs["eval_dir"], common
+                          ).after(registered)
 
     return lifecycle_pipeline

@@ -63,6 +63,37 @@ def _models_trained(workdir: Workdir, parent_run_id: str) -> list[dict[str, Any]
     return sorted(found, key=lambda model: model["started_at"] or "")
 
 
+def _judged(workdir: Workdir, parent_run_id: str, cfg: Config) -> list[dict[str, Any]]:
+    """The evaluations this run made, with what the registry did with each model: its
+    version and (current) aliases, and the gates that failed."""
+    from mlflow.tracking import MlflowClient
+
+    from vidops.stages.evaluate import METRICS_JSON, REPORT_HTML
+    from vidops.tracking.registry import REGISTRATION_JSON, failed_gates
+
+    found = []
+    for metrics_file in sorted(workdir.evaluations.glob(f"*/{METRICS_JSON}")):
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        if metrics.get("parent_run_id") != parent_run_id:
+            continue
+        entry = {"model_dir": metrics["model"]["path"], "eval_dir": str(metrics_file.parent),
+                 "report": str(metrics_file.parent / REPORT_HTML),
+                 "headline": metrics["headline"], "registered": None}
+        record_file = metrics_file.parent / REGISTRATION_JSON
+        if record_file.is_file():
+            record = json.loads(record_file.read_text(encoding="utf-8"))
+            if record.get("parent_run_id") == parent_run_id:
+                mlflow_runs.configure(cfg, workdir)
+                aliases = MlflowClient().get_model_version(record["name"],
+                                                           record["version"]).aliases
+                entry["registered"] = {"name": record["name"], "version": record["version"],
+                                       "aliases": sorted(aliases), "passed": record["passed"],
+                                       "promoted": bool(record.get("promoted")),
+                                       "failed_gates": failed_gates(record)}
+        found.append(entry)
+    return sorted(found, key=lambda e: e["registered"]["version"] if e["registered"] else "")
+
+
 def ensure_samples(cfg: Config, workdir: Workdir, quiet: bool = False,
                    kinds: list[str] | None = None) -> list[str]:
     """The sample corpora `kinds` (default cfg.samples.kinds), generated once per (kind,
@@ -148,6 +179,7 @@ def run_local(
 
     gates = gate_failures(workdir, parent_run_id)
     models = _models_trained(workdir, parent_run_id)
+    judged = _judged(workdir, parent_run_id, cfg)
     stages = [{
         "stage": info["stage"], "out_dir": info["output"]["dir"], "counts": info["counts"],
         "dvc_md5": info["dvc"]["md5"], "mlflow_run_id": info["mlflow"]["run_id"],
@@ -170,6 +202,7 @@ def run_local(
         "models": models,
         # The model the run ends with (fine-tuned when the pipeline fine-tunes).
         "model": models[-1] if models else None,
+        "evaluations": judged,
     }
     tmp = workdir.run_summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -202,8 +235,25 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines.append(f"{model['stage']} model: {model['model_dir']} ({model['steps']} steps, "
                      f"final loss {model['final_loss']:.4f}, MLflow run "
                      f"{model['mlflow_run_id']})")
+    champion = None
+    for judged in summary.get("evaluations") or []:
+        lines.append(f"\nevaluated {judged['model_dir']}: report {judged['report']}")
+        lines.append("  " + ", ".join(f"{k} {v:.3g}" for k, v in judged["headline"].items()))
+        reg = judged["registered"]
+        if reg:
+            aliases = ", ".join(reg["aliases"]) or "no alias"
+            verdict = ("every gate passed" if reg["passed"]
+                       else "refused promotion: " + "; ".join(reg["failed_gates"]))
+            if reg["promoted"] and "champion" not in reg["aliases"]:
+                verdict += "; promoted to champion, since superseded"
+            lines.append(f"  registered {reg['name']} v{reg['version']} ({aliases}); {verdict}")
+            if "champion" in reg["aliases"]:
+                champion = reg["name"]
     model = summary.get("model")
-    if model:
+    if champion:
+        lines.append(f"try: vidops generate --model models:/{champion}@champion "
+                     "--prompt 'a red circle moving right' --out sample.mp4")
+    elif model:
         prompt = ("a purple circle moving right" if model["stage"] == "finetune"
                   else "a red circle moving right")
         lines.append(f"try: vidops generate --model {model['model_dir']} "

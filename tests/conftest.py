@@ -126,3 +126,18 @@ def make_curated(workdir: Workdir, specs: list[tuple[str, int, int]], cfg: Confi
     out = workdir.root / "data" / name
     run_stage("fixture", body, cfg=cfg, workdir=workdir, out_dir=out, quiet=True)
     return out
+
+
+def make_pretrained(workdir: Workdir, specs: list[tuple[str, int, int]], cfg: Config,
+                    caption: str) -> Path:
+    """A model pretrained (per `cfg`) on real clips curated and encoded by the stages: the
+    base that fine-tune, evaluate and register tests start from."""
+    from vidops.stages.encode import run_encode
+    from vidops.stages.pretrain import pretrain
+
+    curated = make_curated(workdir, specs, cfg, caption=caption)
+    encoded = run_encode(curated, workdir.stage_dir("encoded"), cfg=cfg, workdir=workdir,
+                         quiet=True)["output"]["dir"]
+    model = workdir.models / "pretrain"
+    pretrain(Path(encoded), model, cfg=cfg, workdir=workdir, quiet=True)
+    return model

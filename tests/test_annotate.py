@@ -357,7 +357,10 @@ def test_captioner_failures_stop_the_stage(filtered: Path, workdir: Workdir,
     with pytest.raises(StageError, match=r"test/broken.*CUDA out of memory"):
         run_annotate(filtered, out, cfg=load_config("tiny"), workdir=workdir, quiet=True,
                      captioner=BrokenCaptioner())
+    # Offline, as CI is: huggingface_hub reads the variable once, at import (likely done by
+    # an earlier test), so its constant is set too; else the lookup waits on the network.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     cfg = load_config("tiny", ["annotate.captioner=vidops-test/no-such-captioner"])
     with pytest.raises(StageError, match="vidops-test/no-such-captioner"):
         run_annotate(filtered, out, cfg=cfg, workdir=workdir, quiet=True)

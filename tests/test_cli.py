@@ -32,6 +32,14 @@ def test_global_options_work_before_and_after_the_subcommand(tmp_path: Path) -> 
     assert before == after == 2
 
 
+def test_set_before_and_after_the_subcommand_both_apply(tmp_path: Path) -> None:
+    out = tmp_path / "t.yaml"
+    assert main(["--set", "resources.pretrain.cpu=3", "compile", "--pipeline", "training",
+                 "--out", str(out), "--set", "resources.pretrain.memory=5G"]) == 0
+    text = out.read_text()
+    assert "resourceCpuLimit: '3'" in text and "resourceMemoryLimit: 5G" in text
+
+
 @pytest.mark.parametrize("argv", [["samples", "x", "--kind", "cats"], ["compile", "--out", "x"],
                                   ["generate", "--prompt", "a red circle moving left"],
                                   ["pretrain", "--nproc", "two"]])

@@ -22,7 +22,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from safetensors.torch import load_file
 
-from tests.conftest import make_curated
+from tests.conftest import make_curated, make_pretrained
 from vidops.config import Config, ConfigError, load_config
 from vidops.models.folder import (
     apply_lora,
@@ -36,12 +36,12 @@ from vidops.models.text import TextEncoder, default_text_model_dir
 from vidops.stage import StageError
 from vidops.stages.encode import run_encode
 from vidops.stages.finetune import finetune
-from vidops.stages.pretrain import pretrain
 from vidops.stages.training import encoded_dataset
 from vidops.tracking.workdir import Workdir
 from vidops.train.loop import FAULT_KILL_ENV
 
 OVERRIDES = ["models.vae.bootstrap.steps=4", "models.vae.bootstrap.holdout_clips=1",
+             "train.holdout_fraction=0",
              "models.transformer.patch_size=2", "models.transformer.caption_layout_rank=4",
              "train.objective=v_prediction", "train.ema_decay=0",
              "encode.frames=5", "encode.stride=2", "encode.height=32", "encode.width=32",
@@ -62,12 +62,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workdir, Path, Path]
     """(workdir, the base model folder, fine-tune data encoded in its latent space)."""
     workdir = Workdir.at(tmp_path_factory.mktemp("finetune") / "work")
     cfg = _cfg()
-    curated = make_curated(workdir, [(f"p{i}", i, 24) for i in range(4)], cfg,
-                           caption="clip {seed}")
-    encoded = run_encode(curated, workdir.stage_dir("encoded"), cfg=cfg, workdir=workdir,
-                         quiet=True)["output"]["dir"]
-    model = workdir.root / "models" / "pretrain"
-    pretrain(Path(encoded), model, cfg=cfg, workdir=workdir, quiet=True)
+    model = make_pretrained(workdir, [(f"p{i}", i, 24) for i in range(4)], cfg,
+                            caption="clip {seed}")
     ft_curated = make_curated(workdir, [(f"f{i}", 100 + i, 24) for i in range(4)], cfg,
                               name="finetune-curated", caption="a purple clip {seed}")
     ft_cfg = encode_config_for(cfg, model)

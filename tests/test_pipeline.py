@@ -112,7 +112,11 @@ def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
          "--set", "train.steps=4", "--set", "train.batch_size=2", "--set",
          "train.sample_prompts=[a red circle moving left]", "--set", "generate.steps=2",
          "--set", "samples.counts.shapes-finetune=3", "--set", "finetune.train.steps=2",
-         "--set", "finetune.train.batch_size=2", "--set", "finetune.lora.rank=2", "--quiet"],
+         "--set", "finetune.train.batch_size=2", "--set", "finetune.lora.rank=2",
+         "--set", "evaluate.seeds=[1]", "--set", "evaluate.prompt_set=custom",
+         "--set", "evaluate.prompts=[a red circle moving right,a blue square moving up]",
+         "--set", "registry.thresholds.adherence_colour=null",
+         "--set", "registry.thresholds.adherence_direction=null", "--quiet"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -191,3 +195,27 @@ def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
     assert ft_encoding["encoding"]["vae"]["digest"] == card["vae"]["digest"]
     assert client.get_run(tuned["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == \
         parent.info.run_id
+
+    # ... then both models evaluated and registered in turn: the pretrained one first (it
+    # passes the thresholds a 4-step model can meet and there is no champion yet), then the
+    # fine-tune, champion only if it does not regress against the pretrained one.
+    base_eval, tuned_eval = summary["evaluations"]
+    assert base_eval["model_dir"] == model["model_dir"]
+    assert tuned_eval["model_dir"] == tuned["model_dir"]
+    for judged in (base_eval, tuned_eval):
+        assert Path(judged["report"]).is_file() and "temporal_consistency" in judged["headline"]
+        assert f"report {judged['report']}" in proc.stdout
+    assert base_eval["registered"]["version"] == "1" and tuned_eval["registered"]["version"] == "2"
+    first = json.loads((Path(base_eval["eval_dir"]) / "registration.json").read_text())
+    assert first["passed"] and first["promoted"] and first["champion_before"] is None
+    assert "challenger" in tuned_eval["registered"]["aliases"]
+    second = tuned_eval["registered"]
+    assert second["passed"] == (not second["failed_gates"])
+    assert (second["aliases"] == ["challenger", "champion"]) == second["passed"]
+    champion = "2" if second["passed"] else "1"
+    assert str(client.get_registered_model("vidgen").aliases["champion"]) == champion
+    assert "models:/vidgen@champion" in proc.stdout
+    version = client.get_model_version("vidgen", "1")
+    assert version.tags["vidops.dvc_md5.encoded"] == json.loads(
+        (work / "data" / "encoded" / "stage.json").read_text())["dvc"]["md5"]
+    assert version.tags["vidops.pipeline_run_id"] == parent.info.run_id

@@ -33,6 +33,7 @@ from vidops.train.loop import FAULT_KILL_ENV, Trainer, TrainError
 # Pinned here rather than taken from the tiny profile, which is tuned for the demo: these
 # tests check the loop's behaviour on a 32x32 latent grid small enough for patch 2.
 OVERRIDES = ["models.vae.bootstrap.steps=4", "models.vae.bootstrap.holdout_clips=1",
+             "train.holdout_fraction=0",
              "models.transformer.patch_size=2", "train.objective=epsilon",
              "train.min_snr_gamma=null", "train.ema_decay=0.99",
              "encode.frames=9", "encode.stride=1", "encode.height=32", "encode.width=32",

@@ -31,8 +31,12 @@ def _common(top: bool) -> argparse.ArgumentParser:
     common.add_argument("--config", metavar="FILE", default=default(None),
                         help="profile layered over params.yaml (a path, or the name of a "
                         "shipped profile such as tiny)")
-    common.add_argument("--set", dest="overrides", action="append", default=default([]),
-                        metavar="KEY=VALUE", help="override one setting (repeatable)")
+    # argparse copies a subcommand's values over the top level's, so the two --set lists
+    # have their own names and are joined in main(): `vidops --set a=1 run --set b=2` keeps
+    # both.
+    common.add_argument("--set", dest="overrides" if top else "sub_overrides", action="append",
+                        default=default([]), metavar="KEY=VALUE",
+                        help="override one setting (repeatable)")
     common.add_argument("--workdir", type=Path, default=default(None),
                         help="holds the MLflow store, DVC repo and remote, stage outputs "
                         "(default ./vidops-work)")
@@ -154,6 +158,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-scale", type=float, default=1.0,
                    help="strength of the adapter (of --lora, or of a LoRA MODEL): 0 is the base")
 
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="generate a fixed prompt set and measure it: metrics.json, "
+                       "samples, report.html")
+    p.add_argument("--model", required=True,
+                   help="a model folder, an MLflow model URI (models:/vidgen@champion), or a "
+                   "diffusers CogVideoX pipeline")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default <workdir>/eval/<model folder name>")
+    p.add_argument("--reference", type=Path, default=None, metavar="DIR",
+                   help="real clips to compare with (a curated dataset); default: the clips "
+                   "the model's training held out")
+    p.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR",
+                   help="another evaluation to show beside this one in the report "
+                   "(repeatable; the champion is always shown)")
+
+    p = sub.add_parser("register", parents=[common],
+                       help="register an evaluated model; champion only if every gate passes")
+    p.add_argument("--model", required=True, help="the model folder (or MLflow URI) evaluated")
+    p.add_argument("--eval", dest="eval_dir", type=Path, required=True,
+                   help="its evaluation (vidops evaluate --out)")
+    p.add_argument("--no-promote", dest="promote", action="store_false",
+                   help="register and check the gates, but leave the champion alias alone")
+
     p = sub.add_parser("run", parents=[common],
                        help="run the pipeline locally through kfp.local")
     p.add_argument("--source", dest="sources", nargs="+", action="extend", default=[],
@@ -192,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     from vidops.stage import GateError, StageError
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config,
+                          [*args.overrides, *getattr(args, "sub_overrides", [])])
         return _dispatch(args, cfg)
     except GateError as exc:
         print(f"vidops: gate refused: {exc}", file=sys.stderr)
@@ -231,6 +259,12 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
 
     if args.command == "generate":
         return _generate(args, cfg, workdir)
+
+    if args.command == "evaluate":
+        return _evaluate(args, cfg, workdir)
+
+    if args.command == "register":
+        return _register(args, cfg, workdir)
 
     if args.command == "run":
         from vidops.pipelines.local import PipelineFailed, run_local, summary_table
@@ -309,10 +343,6 @@ def _finetune(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
     from vidops.stages.finetune import finetune
     from vidops.train.loop import TrainError
 
-    if str(args.base).startswith(("models:/", "runs:/")):
-        from vidops.tracking import mlflow_runs
-
-        mlflow_runs.configure(cfg, workdir)
     try:
         summary = finetune(args.data or workdir.stage_dir("finetune-encoded"), args.base,
                            args.out or workdir.models / "finetune", cfg=cfg,
@@ -326,24 +356,16 @@ def _finetune(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
 
 
 def _generate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
-    from vidops.models.folder import (
-        ModelFolderError,
-        apply_lora,
-        load_model_folder,
-        resolve_model,
-    )
+    from vidops.models.folder import ModelFolderError, apply_lora, load_model_folder
+    from vidops.models.imported import resolve_model_ref
     from vidops.models.lora import AdapterError
     from vidops.models.sampling import generate, save_video
-    from vidops.tracking import mlflow_runs
 
     gen = cfg.generate
     try:
-        if str(args.model).startswith(("models:/", "runs:/")):
-            mlflow_runs.configure(cfg, workdir)
-        downloads = workdir.root / "downloads"
-        model = load_model_folder(resolve_model(args.model, downloads),
+        model = load_model_folder(resolve_model_ref(args.model, cfg=cfg, workdir=workdir),
                                   lora_scale=1.0 if args.lora else args.lora_scale,
-                                  download_dir=downloads)
+                                  download_dir=workdir.downloads)
         if args.lora:
             apply_lora(model, args.lora, args.lora_scale)
         videos = generate(model, [args.prompt], seed=cfg.seed if args.seed is None else args.seed,
@@ -360,6 +382,49 @@ def _generate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
     frames, height, width = videos.shape[1:4]
     print(json.dumps({"out": [str(p) for p in written], "frames": int(frames),
                       "height": int(height), "width": int(width), "fps": model.fps}))
+    return EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
+    from vidops.models.folder import ModelFolderError
+    from vidops.stages.evaluate import REPORT_HTML, evaluate
+
+    compare = {}
+    for item in args.compare:
+        label, sep, folder = item.partition("=")
+        if not sep:
+            print(f"vidops: error: --compare expects LABEL=DIR, got {item!r}", file=sys.stderr)
+            return EXIT_USAGE
+        compare[label] = Path(folder)
+    out = args.out or workdir.evaluations / Path(str(args.model).rstrip("/")).name
+    try:
+        result = evaluate(args.model, out, cfg=cfg, workdir=workdir, reference=args.reference,
+                          compare=compare, quiet=args.quiet)
+    except (ModelFolderError, FileNotFoundError, ValueError) as exc:
+        print(f"vidops: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps({"out": str(out), "report": str(out / REPORT_HTML),
+                      "videos": len(result["videos"]), "headline": result["headline"]},
+                     indent=2))
+    return EXIT_OK
+
+
+def _register(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
+    from vidops.models.folder import ModelFolderError
+    from vidops.tracking.registry import failed_gates, register
+
+    try:
+        result = register(args.model, args.eval_dir, cfg=cfg, workdir=workdir,
+                          promote=args.promote)
+    except (ModelFolderError, FileNotFoundError, ValueError) as exc:
+        print(f"vidops: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps({k: result[k] for k in ("name", "version", "model_uri", "aliases",
+                                              "passed", "champion_before", "gates")}, indent=2))
+    if not result["passed"]:
+        print(f"vidops: gate refused: {result['name']} v{result['version']} stays challenger; "
+              + "; ".join(failed_gates(result)), file=sys.stderr)
+        return EXIT_GATE
     return EXIT_OK
 
 
@@ -385,15 +450,10 @@ def _run_data_stage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> 
                             args.out or workdir.stage_dir("annotate"), cfg=cfg,
                             workdir=workdir, quiet=args.quiet)
     elif args.command == "encode":
-        from vidops.stages.encode import run_encode
+        from vidops.stages.encode import config_for_model, run_encode
 
         if args.vae_from_model:
-            from vidops.models.folder import encode_config_for
-            from vidops.models.imported import resolve_base
-
-            cfg = encode_config_for(cfg, resolve_base(
-                args.vae_from_model, cfg=cfg, models_dir=workdir.models,
-                download_dir=workdir.root / "downloads"))
+            cfg = config_for_model(cfg, args.vae_from_model, workdir)
         info = run_encode(args.in_dir or workdir.stage_dir("curated"),
                           args.out or workdir.stage_dir("encode"), shard_file=args.shard,
                           cfg=cfg, workdir=workdir, quiet=args.quiet)

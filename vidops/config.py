@@ -189,6 +189,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(ge=1)
     sample_every: int = Field(ge=0)
     sample_prompts: list[str]
+    holdout_fraction: float = Field(ge=0, lt=1)
 
 
 class LoraConfig(_Strict):
@@ -225,6 +226,35 @@ class GenerateConfig(_Strict):
     gif: bool
 
 
+class EvaluateConfig(_Strict):
+    prompt_set: Literal["shapes", "custom"]
+    prompts: list[str]
+    seeds: list[int] = Field(min_length=1)
+    batch_size: int = Field(ge=1)
+    steps: int | None = Field(ge=1)
+    guidance_scale: float | None = Field(ge=0)
+    sampler: Literal["ddim", "dpm", "euler"] | None
+    clip_model: str | None
+    i3d_path: str | None
+    max_reference_clips: int = Field(ge=2)
+    device: str
+
+    @model_validator(mode="after")
+    def _custom_has_prompts(self) -> EvaluateConfig:
+        if self.prompt_set == "custom" and not self.prompts:
+            raise ValueError("evaluate.prompt_set 'custom' needs evaluate.prompts")
+        return self
+
+
+class RegistryConfig(_Strict):
+    # Headline metric -> the least (higher-is-better metrics) or most (the others) it may be;
+    # null turns a gate of params.yaml off in a profile (OmegaConf merges dicts key by key).
+    thresholds: dict[str, float | None]
+    # Headline metric -> how much worse than the champion's it may be, in its own units.
+    max_regression: dict[str, float | None]
+    require_valid_data: bool
+
+
 class TaskResources(_Strict):
     # Kubernetes quantities: `cpu: 16` or `cpu: "500m"`, `memory: 32G` alike.
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
@@ -254,6 +284,8 @@ class Config(_Strict):
     train: TrainConfig
     finetune: FinetuneConfig
     generate: GenerateConfig
+    evaluate: EvaluateConfig
+    registry: RegistryConfig
     resources: ResourcesConfig
     pipeline: PipelineConfig
     images: ImagesConfig

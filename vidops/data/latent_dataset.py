@@ -11,6 +11,7 @@ strided subsets that together cover the dataset exactly once (evaluation, precom
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -133,3 +134,20 @@ class LatentDataset(Dataset[dict[str, Any]]):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         return Subset(self, range(rank, len(self), world_size))
+
+
+def held_out_ids(clip_ids: list[str], fraction: float) -> list[str]:
+    """The clips kept out of training for evaluation: those whose id hashes below `fraction`.
+    A clip's fate depends on its own id only, so it stays held out as the dataset grows."""
+    if fraction <= 0:
+        return []
+    return sorted(c for c in clip_ids
+                  if int(hashlib.sha256(c.encode()).hexdigest()[:12], 16) < fraction * 16 ** 12)
+
+
+def training_subset(dataset: LatentDataset, held_out: list[str]) -> Dataset[dict[str, Any]]:
+    """`dataset` without the held-out clips."""
+    if not held_out:
+        return dataset
+    skip = set(held_out)
+    return Subset(dataset, [i for i, c in enumerate(dataset.clip_ids) if c not in skip])

@@ -20,11 +20,13 @@ A LoRA fine-tune writes a lighter folder that is a model all the same: no transf
 transformer's weights, checked when the two are put together again).
 
 `MODEL` arguments accept such a folder or an MLflow URI (`models:/name@alias`,
-`runs:/<id>/model`), which is downloaded first.
+`runs:/<id>/model`), which is downloaded first. A registered model is an MLflow pyfunc whose
+artifacts are the model folder (`model/`) and, for a LoRA fine-tune, its base (`base/`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -47,8 +49,12 @@ CARD = "vidops_model.json"
 MODEL_INDEX = "model_index.json"
 EMPTY_CAPTION = "empty_caption.safetensors"
 ADAPTER_DIR = "adapter"
+# Where a registered (pyfunc) model keeps the model folder and a LoRA's base among its files.
+PYFUNC_MODEL, PYFUNC_BASE = "model", "base"
 TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 CARD_FORMAT = 1
+# MODEL arguments with these prefixes name a model folder logged to MLflow.
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 _TRANSFORMERS = {"LatteTransformer3DModel": LatteTransformer3DModel,
                  "CogVideoXTransformer3DModel": CogVideoXTransformer3DModel}
 
@@ -132,7 +138,8 @@ def write_lora_folder(
 
 def model_card_markdown(card: dict[str, Any]) -> str:
     data = card.get("data") or {}
-    if card.get("kind") == "imported":
+    imported = card.get("kind") == "imported"
+    if imported:
         training = (f"| training | outside vidops: imported from `{card['source']['pipeline']}`"
                     f" ({card['source']['class']}) |")
     else:
@@ -142,7 +149,7 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         f"# {card.get('name', 'vidops model')}",
         "",
         f"Text-to-video latent diffusion, {card['arch']} ({card.get('size')}) trained "
-        + ("outside vidops" if card.get("kind") == "imported"
+        + ("outside vidops" if imported
            else f"by `vidops {card.get('kind', 'pretrain')}`")
         + f" with the {card['objective']} objective.",
         "",
@@ -217,12 +224,15 @@ def read_card(path: Path) -> dict[str, Any]:
 def resolve_model(model: str | Path, download_dir: Path | None = None) -> Path:
     """A model folder for MODEL: the folder itself, or an MLflow model URI downloaded."""
     text = str(model)
-    if text.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+    if text.startswith(MLFLOW_SCHEMES):
         import mlflow
 
-        target = mlflow.artifacts.download_artifacts(
-            artifact_uri=text, dst_path=str(download_dir) if download_dir else None)
-        found = [p.parent for p in Path(target).rglob(CARD)]
+        target = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=text, dst_path=str(download_dir) if download_dir else None))
+        registered = target / "artifacts" / PYFUNC_MODEL
+        if (registered / CARD).is_file():
+            return registered
+        found = sorted(p.parent for p in target.rglob(CARD))
         if not found:
             raise ModelFolderError(f"{text} holds no vidops model folder")
         return found[0]
@@ -231,11 +241,31 @@ def resolve_model(model: str | Path, download_dir: Path | None = None) -> Path:
     return path
 
 
-def _base_folder(path: Path, card: dict[str, Any], download_dir: Path | None) -> Path:
+def model_identity(path: Path) -> str:
+    """What a model's samples depend on, as one digest: its transformer weights, or a LoRA's
+    adapter weights together with its base's transformer. Evaluations name it, and the
+    registry checks an evaluation is of the model being registered."""
+    path = Path(path)
+    card = read_card(path)
+    if (path / "transformer").is_dir():
+        return transformer_digest(path)
+    adapter = next((path / ADAPTER_DIR).glob("*.safetensors"), None)
+    if not card.get("base") or adapter is None:
+        raise ModelFolderError(f"{path} has neither a transformer nor a LoRA adapter")
+    text = f"{card['base']['transformer_digest']}+{file_digest(adapter)}"
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _base_folder(path: Path, card: dict[str, Any], download_dir: Path | None,
+                 base_dir: Path | None = None) -> Path:
+    """The base a LoRA folder adapts: `base_dir` when given, the registered model's own copy
+    beside it, the folder it was trained on, or its MLflow URI; checked by digest."""
     base = card["base"]
-    local = Path(base["path"])
-    if (local / CARD).is_file() and transformer_digest(local) == base["transformer_digest"]:
-        return local
+    candidates = [base_dir, path.parent / PYFUNC_BASE, Path(base["path"])]
+    for local in candidates:
+        if local is not None and (local / CARD).is_file() and \
+                transformer_digest(local) == base["transformer_digest"]:
+            return local
     if base.get("uri"):
         fetched = resolve_model(base["uri"], download_dir)
         if transformer_digest(fetched) == base["transformer_digest"]:
@@ -244,6 +274,14 @@ def _base_folder(path: Path, card: dict[str, Any], download_dir: Path | None) ->
         f"{path} is a LoRA adapter for the base model at {base['path']}"
         f"{' (' + base['uri'] + ')' if base.get('uri') else ''} with transformer "
         f"{base['transformer_digest']}, which is no longer there or has been retrained")
+
+
+def base_folder(path: Path, download_dir: Path | None = None) -> Path | None:
+    """The base of a LoRA model folder (None for a model with its own transformer)."""
+    card = read_card(path)
+    if card.get("base") and not (Path(path) / "transformer").is_dir():
+        return _base_folder(Path(path), card, download_dir)
+    return None
 
 
 def adapter_dir(path: Path) -> Path:
@@ -257,14 +295,14 @@ def adapter_dir(path: Path) -> Path:
 
 def load_model_folder(path: Path, device: str | torch.device = "cpu", *,
                       lora_scale: float = 1.0, download_dir: Path | None = None,
-                      codecs: bool = True) -> LoadedModel:
-    """The model at `path`, ready to sample. A LoRA fine-tune loads its base and applies its
-    adapter at `lora_scale`. Without `codecs`, the VAE and text encoder are not loaded (vae
-    and text None): what training on encoded data needs."""
+                      codecs: bool = True, base_dir: Path | None = None) -> LoadedModel:
+    """The model at `path`, ready to sample. A LoRA fine-tune loads its base (`base_dir`
+    when given) and applies its adapter at `lora_scale`. Without `codecs`, the VAE and text
+    encoder are not loaded (vae and text None): what training on encoded data needs."""
     path = Path(path)
     card = read_card(path)
     if card.get("base") and not (path / "transformer").is_dir():
-        base_path = _base_folder(path, card, download_dir)
+        base_path = _base_folder(path, card, download_dir, base_dir)
         base = load_model_folder(base_path, device, codecs=codecs)
         apply_lora(base, path / ADAPTER_DIR, lora_scale)
         base.path, base.card, base.base_path = path, card, base_path

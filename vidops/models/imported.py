@@ -32,6 +32,7 @@ from vidops.media.files import exclusive_lock, link_tree
 from vidops.models.folder import (
     CARD,
     CARD_FORMAT,
+    MLFLOW_SCHEMES,
     MODEL_INDEX,
     ModelFolderError,
     model_card_markdown,
@@ -41,7 +42,7 @@ from vidops.models.folder import resolve_model as resolve_vidops_model
 from vidops.models.frames import check_cogvideox_train_frames, latent_frames
 from vidops.models.text import TextEncoder
 from vidops.models.vae import spatial_ratio, temporal_ratio, vae_digest
-from vidops.tracking.workdir import code_version
+from vidops.tracking.workdir import Workdir, code_version
 from vidops.train.objectives import objective_of
 
 # Pipelines whose parts vidops can fine-tune and sample (text-to-video CogVideoX 1.0 / 1.5).
@@ -130,9 +131,10 @@ def import_pipeline(ref: str | Path, out: Path, *, cfg: Config) -> Path:
         "scheduler": ["diffusers", scheduler.get("_class_name", "DDPMScheduler")],
         "vae": ["diffusers", "AutoencoderKLCogVideoX"]}, indent=2) + "\n")
     stride = cfg.encode.stride
+    objective = objective_of(scheduler)
     card = {
         "format": CARD_FORMAT, "name": str(ref), "kind": "imported", "arch": "cogvideox",
-        "size": "pretrained", "objective": objective_of(scheduler),
+        "size": "pretrained", "objective": objective,
         "parameters": _stored_parameters(source / "transformer"),
         "latent": {"shape": latent_shape, "scale": float(vae_config.get("scaling_factor", 1.0))},
         "video": {"frames": frames, "height": int(tc.sample_height) * s_ratio,
@@ -143,7 +145,7 @@ def import_pipeline(ref: str | Path, out: Path, *, cfg: Config) -> Path:
         "vae": {"path": None, "digest": vae_digest(tmp / "vae")},
         # What a fine-tune inherits: the objective; the schedule itself is scheduler/.
         "training": {"steps": None, "settings": {
-            "objective": objective_of(scheduler),
+            "objective": objective,
             "beta_schedule": scheduler.get("beta_schedule", "linear"),
             "num_train_timesteps": int(scheduler.get("num_train_timesteps", 1000))}},
         "source": {"pipeline": str(ref), "path": str(source), "class": kind},
@@ -160,18 +162,23 @@ def import_pipeline(ref: str | Path, out: Path, *, cfg: Config) -> Path:
     return out
 
 
-def resolve_base(ref: str | Path, *, cfg: Config, models_dir: Path,
-                 download_dir: Path | None = None) -> Path:
-    """A vidops model folder for `ref`: a model folder, an MLflow URI of one, or a diffusers
-    pipeline, imported once into `models_dir/imported/<name>` (re-imported when the pipeline
-    folder it came from has changed)."""
+def resolve_model_ref(ref: str | Path, *, cfg: Config, workdir: Workdir) -> Path:
+    """A vidops model folder for any MODEL argument: a model folder, an MLflow URI of one
+    (downloaded into the workdir), or a diffusers pipeline, imported once into
+    `<workdir>/models/imported/<name>` (re-imported when the pipeline folder it came from has
+    changed)."""
+    if str(ref).startswith(MLFLOW_SCHEMES):
+        from vidops.tracking import mlflow_runs
+
+        mlflow_runs.configure(cfg, workdir)
     if not is_pipeline(ref):
-        return resolve_vidops_model(ref, download_dir)
+        return resolve_vidops_model(ref, workdir.downloads)
     slug = re.sub(r"[^\w.-]+", "-", str(ref).strip("/")).strip("-")[-80:] or "pipeline"
-    out = models_dir / IMPORTED_DIR / slug
+    imported = workdir.models / IMPORTED_DIR
+    out = imported / slug
     source = pipeline_folder(ref)
     # Every rank of a distributed fine-tune resolves the base: one imports, the rest reuse.
-    with exclusive_lock(models_dir / IMPORTED_DIR / f".{slug}.lock"):
+    with exclusive_lock(imported / f".{slug}.lock"):
         if (out / CARD).is_file():
             card = read_card(out)
             stamp = (source / "transformer").stat().st_mtime
@@ -182,4 +189,4 @@ def resolve_base(ref: str | Path, *, cfg: Config, models_dir: Path,
 
 
 __all__ = ["IMPORTED_DIR", "PIPELINES", "import_pipeline", "is_pipeline", "pipeline_folder",
-           "resolve_base"]
+           "resolve_model_ref"]

@@ -24,12 +24,15 @@ def sample_latents(
     mask: torch.Tensor,
     uncond_text: torch.Tensor,
     uncond_mask: torch.Tensor,
-    seed: int,
+    seed: int | Sequence[int],
     steps: int,
     guidance_scale: float,
     sampler: str,
 ) -> torch.Tensor:
     """Latents [B, *latent_shape] for the prompts embedded in `text`, `mask`.
+
+    `seed`: one for the batch, or one per prompt, so that a video depends on its own seed
+    only and batching videos (evaluation) gives the videos generating them one by one gives.
 
     Guidance: prediction = uncond + scale * (cond - uncond), with the negative prompt's (or
     the empty caption's) embedding as the unconditional branch; scale <= 1 samples the
@@ -39,8 +42,15 @@ def sample_latents(
     batch = text.shape[0]
     scheduler = sampler_for(scheduler_config, sampler)
     scheduler.set_timesteps(steps, device=device)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, *latent_shape), generator=generator).to(device)
+    if isinstance(seed, int):
+        x = torch.randn((batch, *latent_shape), generator=torch.Generator().manual_seed(seed))
+    else:
+        if len(seed) != batch:
+            raise ValueError(f"{len(seed)} seeds for {batch} prompts")
+        x = torch.stack([torch.randn(tuple(latent_shape),
+                                     generator=torch.Generator().manual_seed(int(s)))
+                         for s in seed])
+    x = x.to(device)
     # Flow-matching schedulers start from unit noise and take model inputs unscaled.
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
@@ -70,13 +80,14 @@ def generate(
     model: LoadedModel,
     prompts: Sequence[str],
     *,
-    seed: int,
+    seed: int | Sequence[int],
     steps: int,
     guidance_scale: float,
     sampler: str,
     negative_prompt: str = "",
 ) -> np.ndarray:
-    """RGB uint8 videos [B, F, H, W, 3], one per prompt; the same seed gives the same videos."""
+    """RGB uint8 videos [B, F, H, W, 3], one per prompt; the same seed gives the same videos
+    (one seed for all, or one per prompt)."""
     if model.text is None or model.vae is None:
         raise ValueError(f"{model.path} was loaded without its VAE and text encoder "
                          "(codecs=False): it cannot turn prompts into videos")

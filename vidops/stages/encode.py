@@ -257,3 +257,12 @@ def run_encode(
                      out_dir=out_dir, in_dir=in_dir, parent_run_id=parent_run_id,
                      experiment=cfg.tracking.experiments.curation, quiet=quiet,
                      dataset_name=dataset_name)
+
+
+def config_for_model(cfg: Config, model: str | Path, workdir: Workdir) -> Config:
+    """`cfg` set to encode data in MODEL's latent space (its VAE, text encoder and clip
+    geometry), as fine-tuning it needs; MODEL is anything a MODEL argument accepts."""
+    from vidops.models.folder import encode_config_for
+    from vidops.models.imported import resolve_model_ref
+
+    return encode_config_for(cfg, resolve_model_ref(model, cfg=cfg, workdir=workdir))

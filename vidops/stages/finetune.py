@@ -36,7 +36,7 @@ from vidops.models.folder import (
     write_model_folder,
 )
 from vidops.models.frames import check_cogvideox_train_frames
-from vidops.models.imported import resolve_base
+from vidops.models.imported import resolve_model_ref
 from vidops.models.lora import add_lora
 from vidops.models.transformer import Denoiser
 from vidops.stage import StageError
@@ -70,11 +70,11 @@ def finetune(
     # DeepSpeed needs a process group even for one process.
     dist = init_distributed(cfg.finetune_train().device, always_group=method == "sft")
     try:
-        downloads = workdir.root / "downloads"
-        base_dir = resolve_base(base, cfg=cfg, models_dir=workdir.models, download_dir=downloads)
+        base_dir = resolve_model_ref(base, cfg=cfg, workdir=workdir)
         # Training needs the denoiser only: the data is encoded, samples load their own VAE
         # and text encoder (a CogVideoX base's T5 alone is 4.7B parameters).
-        model = load_model_folder(base_dir, dist.device, download_dir=downloads, codecs=False)
+        model = load_model_folder(base_dir, dist.device, download_dir=workdir.downloads,
+                                  codecs=False)
         job = _job(Path(data_dir).resolve(), Path(out_dir).resolve(), cfg, str(base),
                    base_dir.resolve(), model, method, merge, dist.world_size, dist.device)
         return run_training(job, workdir=workdir, dist=dist, parent_run_id=parent_run_id,

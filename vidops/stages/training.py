@@ -22,7 +22,7 @@ import mlflow
 import torch
 
 from vidops.config import Config, TrainConfig
-from vidops.data.latent_dataset import LatentDataset
+from vidops.data.latent_dataset import LatentDataset, held_out_ids, training_subset
 from vidops.models.sampling import decode_latents, sample_latents, save_video
 from vidops.models.text import TextEncoder
 from vidops.models.transformer import Denoiser, count_parameters
@@ -116,6 +116,7 @@ def run_training(job: TrainingJob, *, workdir: Workdir, dist: DistInfo,
     started = datetime.now(timezone.utc)
     manifest, info, encoding = encoded_dataset(data_dir)
     dataset = LatentDataset(data_dir)
+    held_out = held_out_ids(dataset.clip_ids, job.train.holdout_fraction)
     latent_shape = [int(x) for x in encoding["latent_shape"]]
     train_settings = {k: v for k, v in job.train.model_dump(mode="json").items()
                       if k not in _COSMETIC}
@@ -141,7 +142,8 @@ def run_training(job: TrainingJob, *, workdir: Workdir, dist: DistInfo,
         mlflow.log_params({"world_size": dist.world_size,
                            "parameters": count_parameters(job.denoiser),
                            "trainable_parameters": count_parameters(job.denoiser, True),
-                           "latent_shape": "x".join(map(str, latent_shape)), **job.params})
+                           "latent_shape": "x".join(map(str, latent_shape)),
+                           "held_out_clips": len(held_out), **job.params})
         mlflow_runs.log_dataset(manifest, name=data_dir.name, digest=info["dvc"]["md5"],
                                 source=dvc_tracking.DatasetVersion(**info["dvc"]).object_uri,
                                 context="training")
@@ -155,8 +157,9 @@ def run_training(job: TrainingJob, *, workdir: Workdir, dist: DistInfo,
                                  text_encoder, fps, job.scheduler_config)
     status = "FAILED"
     try:
-        trainer = Trainer(job.denoiser, dataset, job.train, out_dir=out_dir, seed=cfg.seed,
-                          dist=dist, empty_caption=dataset.empty_caption(),
+        trainer = Trainer(job.denoiser, training_subset(dataset, held_out), job.train,
+                          out_dir=out_dir, seed=cfg.seed, dist=dist,
+                          empty_caption=dataset.empty_caption(),
                           settings_digest=settings, latent_scale=scale, sample_fn=sample_fn,
                           resume=resume, quiet=quiet, deepspeed=job.deepspeed,
                           scheduler_config=job.scheduler_config)
@@ -182,7 +185,9 @@ def run_training(job: TrainingJob, *, workdir: Workdir, dist: DistInfo,
                              "settings": job.train.model_dump(mode="json"),
                              "seed": cfg.seed},
                 **job.card,
-                "data": lineage_summary(data_dir),
+                "data": {**lineage_summary(data_dir),
+                         "held_out": {"fraction": job.train.holdout_fraction,
+                                      "clip_ids": held_out}},
                 "mlflow_run_id": run.info.run_id if run else None,
                 "code_version": code_version(),
                 "created_at": datetime.now(timezone.utc).isoformat(),

@@ -8,6 +8,7 @@ and their licenses. Model cards carry this summary.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,11 @@ def dataset_chain(data_dir: Path) -> list[tuple[dict[str, Any], Any]]:
     return chain
 
 
+def _manifest_digest(info: dict[str, Any]) -> str:
+    path = Path(info["output"]["dir"]) / info["output"]["manifest"]
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def lineage_summary(data_dir: Path) -> dict[str, Any]:
     """What a model card records of the data: dataset versions, clip and source counts,
     and the licenses of the sources that reached the data."""
@@ -55,6 +61,7 @@ def lineage_summary(data_dir: Path) -> dict[str, Any]:
         "licenses": sorted(licenses),
         "sources_without_license": unlicensed,
         "datasets": [{"stage": i["stage"], "dir": i["output"]["dir"], "dvc_md5": i["dvc"]["md5"],
+                      "manifest_sha256": _manifest_digest(i),
                       "mlflow_run_id": i["mlflow"]["run_id"],
                       "validation": (i.get("validation") or {}).get("success")}
                      for i, _ in chain],

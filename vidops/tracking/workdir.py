@@ -45,6 +45,16 @@ class Workdir:
         return self.root / "models"
 
     @property
+    def evaluations(self) -> Path:
+        """Evaluation folders (metrics.json, samples, report.html), one per model."""
+        return self.root / "eval"
+
+    @property
+    def downloads(self) -> Path:
+        """Models fetched from MLflow or a hub, kept so a second use does not fetch again."""
+        return self.root / "downloads"
+
+    @property
     def run_summary(self) -> Path:
         return self.root / "run-summary.json"
 
