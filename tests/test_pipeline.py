@@ -219,3 +219,75 @@ def test_vidops_run_end_to_end_through_kfp_local(tmp_path: Path) -> None:
     assert version.tags["vidops.dvc_md5.encoded"] == json.loads(
         (work / "data" / "encoded" / "stage.json").read_text())["dvc"]["md5"]
     assert version.tags["vidops.pipeline_run_id"] == parent.info.run_id
+
+    _audit_the_champion(work, expected, client)
+
+
+def _audit_the_champion(work: Path, expected: dict[str, str], client: MlflowClient) -> None:
+    """The lifecycle's champion traced back to every sample source from the records (DVC
+    remote, MLflow), forward from a source to the models, and tampering caught."""
+    import hashlib
+
+    import mlflow
+
+    from vidops.cli import main
+
+    def vidops(*argv: str) -> int:
+        return main(["--config", "tiny", "--workdir", str(work), "--quiet", *argv])
+
+    try:
+        out = work / "audit"
+        assert vidops("lineage", "models:/vidgen@champion", "--verify", "--out", str(out)) == 0
+        lineage = json.loads((out / "lineage.json").read_text())
+        assert (out / "lineage.html").is_file()
+        assert "champion" in lineage["model"]["registered"]["aliases"]
+        assert lineage["accounting"]["complete"]
+        assert lineage["verification"]["mismatches"] == []
+        sources = {Path(s["source_uri"]).name: s for s in lineage["sources"]}
+        for name, reason in expected.items():  # every defect: used, or refused and why
+            status = sources[name]["status"]
+            assert (status, sources[name]["reason"]) == (
+                ("rejected", reason) if reason else ("used", None)), name
+        for source in lineage["sources"]:  # sha256s as recorded are the files' own
+            path = Path(source["source_uri"].removeprefix("file://"))
+            if source["source_sha256"] and path.is_file():
+                assert hashlib.sha256(path.read_bytes()).hexdigest() == source["source_sha256"]
+        assert {d["dvc_md5"] for d in lineage["datasets"]} >= {json.loads(
+            (work / "data" / n / "stage.json").read_text())["dvc"]["md5"]
+            for n in ("ingest", "curated", "encoded")}
+
+        # The reverse question: a used source names the champion, a refused one no model.
+        used = next(s for s in lineage["sources"] if s["status"] == "used")
+        champion = str(client.get_registered_model("vidgen").aliases["champion"])
+        assert vidops("lineage", "--source", used["source_sha256"]) == 0
+        usage = source_usage_json(work, used["source_sha256"])
+        assert champion in {m["version"] for m in usage["models"] if m["trained_on"]}
+        refused = sources["blurry.mp4"]
+        assert source_usage_json(work, refused["source_uri"])["models"] == []
+
+        # A byte changed in the DVC remote, and a source file edited, are both reported.
+        curated = next(d for d in lineage["datasets"] if d["name"] == "curated")["dvc_md5"]
+        remote = work / "dvc-remote" / "files" / "md5"
+        entry = json.loads((remote / curated[:2] / curated[2:]).read_text())[0]
+        victim = remote / entry["md5"][:2] / entry["md5"][2:]
+        victim.chmod(0o644)
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        edited = Path(used["source_uri"].removeprefix("file://"))
+        edited.write_bytes(edited.read_bytes() + b"\0")
+        assert vidops("lineage", "models:/vidgen@champion", "--verify", "--out",
+                      str(out)) == 1
+        found = json.loads((out / "lineage.json").read_text())["verification"]["mismatches"]
+        assert {(m["what"], m["path"]) for m in found} >= {
+            ("DVC object changed", entry["relpath"]), ("source file changed", str(edited))}
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def source_usage_json(work: Path, source: str) -> dict:
+    from vidops.config import load_config as load
+    from vidops.tracking.audit import source_usage
+    from vidops.tracking.workdir import Workdir
+
+    return source_usage(source, cfg=load("tiny"), workdir=Workdir.at(work))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -178,4 +179,25 @@ def test_a_model_whose_data_failed_validation_is_refused_unregistered(
     before = len(client.search_model_versions("name='vidgen'"))
     with pytest.raises(GateError, match="gate data: failed Great Expectations"):
         register(tampered, eval_dir, cfg=_cfg(), workdir=workdir)
+    assert len(client.search_model_versions("name='vidgen'")) == before
+
+
+@pytest.mark.parametrize(("licenses", "unlicensed", "setting", "refusal"), [
+    (["CC-BY-NC-4.0"], 0, "registry.license_deny=[CC-BY-NC-4.0]", "licensed CC-BY-NC-4.0"),
+    (["CC-BY-4.0"], 3, "registry.require_license=true", "3 source(s) without a license"),
+])
+def test_the_license_deny_list_blocks_registration(
+        trained: tuple, tmp_path: Path, licenses: list[str], unlicensed: int, setting: str,
+        refusal: str) -> None:
+    workdir, model, eval_dir = trained
+    licensed = tmp_path / "model"
+    shutil.copytree(model, licensed, ignore=shutil.ignore_patterns("checkpoints", "samples"))
+    card = json.loads((licensed / CARD).read_text())
+    # What ingest recorded of the sources the data came from, as lineage_summary carries it.
+    card["data"] |= {"licenses": licenses, "sources_without_license": unlicensed}
+    (licensed / CARD).write_text(json.dumps(card))
+    client = MlflowClient(f"sqlite:///{workdir.mlflow_db}")
+    before = len(client.search_model_versions("name='vidgen'"))
+    with pytest.raises(GateError, match=f"gate license: .*{re.escape(refusal)}"):
+        register(licensed, eval_dir, cfg=_cfg(setting), workdir=workdir)
     assert len(client.search_model_versions("name='vidgen'")) == before

@@ -181,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-promote", dest="promote", action="store_false",
                    help="register and check the gates, but leave the champion alias alone")
 
+    p = sub.add_parser("lineage", parents=[common],
+                       help="audit: a model back to its source videos, or a source forward "
+                       "to every model")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a model folder or MLflow URI (models:/vidgen@champion)")
+    p.add_argument("--source", default=None, metavar="SHA256|URI",
+                   help="the reverse question: every dataset version and registered model "
+                   "with content from this source")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash the DVC objects and source files the lineage names; exit 1 "
+                   "on any mismatch")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where lineage.json and lineage.html go (default "
+                   "<workdir>/lineage/<model>)")
+
     p = sub.add_parser("run", parents=[common],
                        help="run the pipeline locally through kfp.local")
     p.add_argument("--source", dest="sources", nargs="+", action="extend", default=[],
@@ -265,6 +280,9 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
 
     if args.command == "register":
         return _register(args, cfg, workdir)
+
+    if args.command == "lineage":
+        return _lineage(args, cfg, workdir)
 
     if args.command == "run":
         from vidops.pipelines.local import PipelineFailed, run_local, summary_table
@@ -424,6 +442,43 @@ def _register(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
     if not result["passed"]:
         print(f"vidops: gate refused: {result['name']} v{result['version']} stays challenger; "
               + "; ".join(failed_gates(result)), file=sys.stderr)
+        return EXIT_GATE
+    return EXIT_OK
+
+
+def _lineage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
+    import re
+
+    from vidops.models.folder import ModelFolderError
+    from vidops.tracking.audit import model_lineage, source_usage, write_lineage
+
+    if (args.model is None) == (args.source is None):
+        print("vidops: error: give MODEL or --source SHA256|URI (one of them)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.source is not None:
+        usage = source_usage(args.source, cfg=cfg, workdir=workdir)
+        print(json.dumps(usage, indent=2))
+        if not usage["models"]:
+            print(f"{args.source}: not used by any model", file=sys.stderr)
+        return EXIT_OK
+    try:
+        lineage = model_lineage(args.model, cfg=cfg, workdir=workdir, verify=args.verify)
+    except (ModelFolderError, FileNotFoundError, ValueError) as exc:
+        print(f"vidops: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    slug = re.sub(r"[^\w.-]+", "-", str(args.model)).strip("-")[-80:]
+    json_path, html_path = write_lineage(args.out or workdir.root / "lineage" / slug, lineage)
+    accounting, verification = lineage["accounting"], lineage["verification"]
+    print(json.dumps({"lineage": str(json_path), "report": str(html_path),
+                      "registered": lineage["model"]["registered"] and {
+                          k: lineage["model"]["registered"][k]
+                          for k in ("name", "version", "aliases")},
+                      "accounting": accounting, "licenses": lineage["licenses"],
+                      "verification": verification}, indent=2))
+    if verification is not None and verification["mismatches"]:
+        for m in verification["mismatches"]:
+            print(f"vidops: mismatch: {m['what']}: {m['path']} (recorded {m['expected']}, "
+                  f"now {m['found']})", file=sys.stderr)
         return EXIT_GATE
     return EXIT_OK
 

@@ -253,6 +253,8 @@ class RegistryConfig(_Strict):
     # Headline metric -> how much worse than the champion's it may be, in its own units.
     max_regression: dict[str, float | None]
     require_valid_data: bool
+    license_deny: list[str]
+    require_license: bool
 
 
 class TaskResources(_Strict):

@@ -5,10 +5,13 @@ registers it as a version of `tracking.registered_model` with lineage tags, and 
 gates:
 
     data          every dataset it learned from passed its Great Expectations suite
+    license       no source it learned from has a license on the deny-list (or none at all,
+                  when one is required)
     thresholds    each `registry.thresholds` headline metric at least (at most) its bound
     regression    no `registry.max_regression` metric worse than the champion's beyond its bound
 
-A candidate whose data failed is refused before anything is registered. Every other candidate
+A candidate whose data failed, or whose sources' licenses are refused, is refused before
+anything is registered. Every other candidate
 becomes a version with alias `challenger`; it takes `champion` only when every gate passed.
 The champion alias moves by compare-and-set: a promotion names the champion it was compared
 with and is refused if another promotion moved it meanwhile.
@@ -95,6 +98,23 @@ def data_gate(datasets: list[dict[str, Any]], require_valid: bool) -> Gate:
         return Gate("data", False, "no validated training data recorded (a model trained "
                     "outside vidops, or on unvalidated data; registry.require_valid_data)")
     return Gate("data", True, f"{len(validated)} validated dataset version(s)")
+
+
+def license_gate(cards: list[dict[str, Any]], deny: list[str], require: bool) -> Gate:
+    """The licenses of the sources a model (and its base) learned from, as its cards record
+    them, against the deny-list."""
+    seen = {lic for c in cards for lic in (c.get("data") or {}).get("licenses", [])}
+    unlicensed = sum(int((c.get("data") or {}).get("sources_without_license", 0))
+                     for c in cards)
+    denied = sorted(seen & set(deny))
+    if denied:
+        return Gate("license", False, f"learned from sources licensed {', '.join(denied)} "
+                    "(registry.license_deny)")
+    if require and unlicensed:
+        return Gate("license", False, f"learned from {unlicensed} source(s) without a license "
+                    "(registry.require_license)")
+    return Gate("license", True, f"licenses {', '.join(sorted(seen)) or 'none recorded'}; "
+                f"{unlicensed} source(s) without one")
 
 
 def _known(value: Any) -> bool:
@@ -193,20 +213,25 @@ def register(
                          f"{evaluation['model']['digest']}), not {model_ref} ({identity})")
     card = read_card(model_dir)
     base_dir = base_folder(model_dir, workdir.downloads)
-    datasets = _datasets(card, read_card(base_dir) if base_dir else None)
+    base_card = read_card(base_dir) if base_dir else None
+    datasets = _datasets(card, base_card)
     data = data_gate(datasets, cfg.registry.require_valid_data)
-    if not data.passed:
-        raise GateError(f"{model_ref} refused, nothing registered: gate data: {data.detail}")
+    licensed = license_gate([c for c in (card, base_card) if c], cfg.registry.license_deny,
+                            cfg.registry.require_license)
+    for gate in (data, licensed):
+        if not gate.passed:
+            raise GateError(f"{model_ref} refused, nothing registered: gate {gate.name}: "
+                            f"{gate.detail}")
 
     mlflow_runs.configure(cfg, workdir)
     client = MlflowClient()
     champion = champion_version(client, name)
     champion_eval = version_evaluation(champion) if champion is not None else None
     same_model = champion_eval is not None and champion_eval["model"]["digest"] == identity
-    gates = [data, *metric_gates(evaluation["headline"], evaluation.get("metric_info", {}),
-                                 cfg.registry.thresholds, cfg.registry.max_regression,
-                                 None if same_model or champion_eval is None
-                                 else champion_eval["headline"])]
+    compared = None if same_model or champion_eval is None else champion_eval["headline"]
+    gates = [data, licensed, *metric_gates(
+        evaluation["headline"], evaluation.get("metric_info", {}), cfg.registry.thresholds,
+        cfg.registry.max_regression, compared)]
     passed = all(g.passed for g in gates)
 
     experiment_id = mlflow_runs.ensure_experiment(cfg.tracking.experiments.training, workdir)
