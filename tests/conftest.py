@@ -10,6 +10,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import pytest
+import torch
 
 from vidops.config import Config, load_config
 from vidops.tracking.workdir import Workdir
@@ -141,3 +142,12 @@ def make_pretrained(workdir: Workdir, specs: list[tuple[str, int, int]], cfg: Co
     model = workdir.models / "pretrain"
     pretrain(Path(encoded), model, cfg=cfg, workdir=workdir, quiet=True)
     return model
+
+
+class TinyI3D(torch.nn.Module):
+    """Stands in for i3d_torchscript.pt (not shipped: FVD users point evaluate.i3d_path at
+    their own copy). Same call signature; features are each channel's mean and std."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = True,
+                return_features: bool = True) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)

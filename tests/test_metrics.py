@@ -18,6 +18,7 @@ import torch
 from scipy import stats
 from skimage import data as skdata
 
+from tests.conftest import TinyI3D
 from vidops.data.samples import _shape_clip, _shape_frames
 from vidops.evaluation.metrics import (
     VIDEO_METRICS,
@@ -167,19 +168,10 @@ def test_vae_features() -> None:
         vae_features(torch.zeros(2, 4, 5, 6))
 
 
-class _TinyI3D(torch.nn.Module):
-    """Stands in for i3d_torchscript.pt (not shipped: FVD users point I3DFeatures at their own
-    copy). Same call signature; features are each channel's mean and std over the clip."""
-
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = True,
-                return_features: bool = True) -> torch.Tensor:
-        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)
-
-
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_i3d_features_and_fvd(tmp_path: Path) -> None:
     path = tmp_path / "i3d.pt"
-    torch.jit.script(_TinyI3D()).save(str(path))
+    torch.jit.script(TinyI3D()).save(str(path))
     i3d = I3DFeatures(path)
     red = np.zeros((4, 16, 16, 3), np.uint8)
     red[..., 0] = 255
