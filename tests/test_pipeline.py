@@ -261,7 +261,8 @@ def _audit_the_champion(work: Path, expected: dict[str, str], client: MlflowClie
         champion = str(client.get_registered_model("vidgen").aliases["champion"])
         assert vidops("lineage", "--source", used["source_sha256"]) == 0
         usage = source_usage_json(work, used["source_sha256"])
-        assert champion in {m["version"] for m in usage["models"] if m["trained_on"]}
+        named = {m["version"]: m for m in usage["models"] if m["trained_on"]}
+        assert "champion" in named[champion]["aliases"]
         refused = sources["blurry.mp4"]
         assert source_usage_json(work, refused["source_uri"])["models"] == []
 

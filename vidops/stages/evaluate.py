@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import product
@@ -48,6 +49,7 @@ from vidops.models.sampling import generate, save_video
 from vidops.models.vae import read_clip, resolve_device
 from vidops.stage import StageError, load_output
 from vidops.tracking import mlflow_runs
+from vidops.tracking.registry import REGISTRATION_JSON
 from vidops.tracking.workdir import Workdir, code_version
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,10 @@ def evaluate(
                 "sampler": ev.sampler or gen.sampler, "seeds": list(ev.seeds),
                 "prompt_set": ev.prompt_set, "fps": model.fps}
     cases = prompt_cases(ev)
+    # An earlier evaluation in this folder (its samples, and what registering it did) is
+    # replaced, not mixed in.
+    shutil.rmtree(out_dir / SAMPLES_DIR, ignore_errors=True)
+    (out_dir / REGISTRATION_JSON).unlink(missing_ok=True)
     (out_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
 
     mlflow_runs.configure(cfg, workdir)
@@ -140,7 +146,7 @@ def evaluate(
         videos, rows = _generate_all(model, cases, settings, ev.batch_size, out_dir, quiet)
         _score_adherence(rows, videos)
         clip = _clip_scores(ev, rows, videos, device)
-        distribution = _distribution(model, cfg, videos, reference, workdir)
+        distribution = _distribution(model, cfg, videos, reference)
         result = {
             "format": 1,
             "model": {"ref": str(model_ref), "path": str(model_dir),
@@ -313,7 +319,7 @@ def _as_video(clip: torch.Tensor) -> np.ndarray:
 
 
 def _distribution(model: LoadedModel, cfg: Config, videos: list[np.ndarray],
-                  reference: Path | None, workdir: Workdir) -> dict[str, Any]:
+                  reference: Path | None) -> dict[str, Any]:
     try:
         real, source = _reference_clips(model, cfg, reference)
     except StageError as exc:

@@ -154,7 +154,9 @@ def _registered(client: MlflowClient, ref: str, identity: str, name: str
         except MlflowException:
             versions = []
         same = [v for v in versions if v.tags.get("vidops.model_digest") == identity]
-        version = max(same, key=lambda v: int(v.version)) if same else None
+        # Search results leave aliases out: read the version itself.
+        version = (client.get_model_version(name, max(int(v.version) for v in same))
+                   if same else None)
     if version is None:
         return None
     return {"name": version.name, "version": str(version.version),
@@ -476,8 +478,9 @@ def source_usage(source: str, *, cfg: Config, workdir: Workdir) -> dict[str, Any
             continue
         clips = sorted({c for d in hit for c in d["clips"]})
         held = _held_out(client, version)
+        aliases = client.get_model_version(version.name, version.version).aliases
         models.append({"name": version.name, "version": str(version.version),
-                       "aliases": sorted(version.aliases),
+                       "aliases": sorted(aliases),
                        "datasets": [d["name"] for d in hit], "clips": clips,
                        "held_out_clips": sorted(set(clips) & held),
                        "trained_on": bool(set(clips) - held)})
