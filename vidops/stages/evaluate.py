@@ -279,15 +279,17 @@ def _reference_clips(model: LoadedModel, cfg: Config, reference: Path | None
                          "was 0): give --reference DIR")
     for dataset in card["data"]["datasets"]:
         try:
-            manifest, _ = load_output(Path(dataset["dir"]))
+            manifest, info = load_output(Path(dataset["dir"]))
         except (StageError, FileNotFoundError):
             continue
+        if info["dvc"]["md5"] != dataset["dvc_md5"]:
+            continue  # the folder now holds another version of that dataset
         if {"clip_id", "path"} <= set(manifest.columns):
             rows = manifest[manifest["clip_id"].astype(str).isin(held)]
             return _read_clips(Path(dataset["dir"]), rows, geometry,
                                cfg.evaluate.max_reference_clips), dataset["dir"]
-    raise StageError("the clip files of the model's training data are no longer in the "
-                     "workdir: give --reference DIR")
+    raise StageError("the clip files of the model's training data (the dataset versions "
+                     "its card names) are no longer in the workdir: give --reference DIR")
 
 
 def _read_clips(folder: Path, manifest: Any, geometry: dict[str, int], limit: int
