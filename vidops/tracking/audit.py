@@ -288,8 +288,10 @@ def _sources(datasets: list[dict[str, Any]], tables: dict[str, Any],
         manifest, refused = tables[ds["dvc_md5"]]
         for row in manifest.to_dict("records"):
             sha, uri = str(row["source_sha256"]), str(row["source_uri"])
-            found = reasons.get(uri, []) + [r for r in reasons.get(sha, [])
-                                            if r["source_uri"] != uri]
+            # Its own rejections by URI; by content only where a row lacks the URI (an
+            # ingest `duplicate` of this content is another input's fate, not this one's).
+            found = reasons.get(uri) or [r for r in reasons.get(sha, [])
+                                         if not r["source_uri"]]
             if sha in trained:
                 status, why = "used", None
             elif found:

@@ -193,9 +193,10 @@ def register(
     promote: bool = True,
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Register MODEL with its evaluation; returns what happened (version, aliases, gates).
-    Raises GateError, after registering, when a gate failed (the champion stays put), and
-    before registering when its data failed validation."""
+    """Register MODEL with its evaluation; returns what happened (version, aliases, gates,
+    `passed`). A failed threshold or regression gate leaves it a challenger (passed False,
+    the champion stays put); a failed data or license gate raises GateError before anything
+    is registered."""
     from vidops.models import pyfunc
     from vidops.models.folder import base_folder, model_identity, read_card
     from vidops.models.imported import resolve_model_ref
