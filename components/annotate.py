@@ -13,18 +13,20 @@ def annotate(
     workdir: str,
     config_json: str,
     manifest: dsl.Output[dsl.Dataset],
+    input_md5: str = "",
     parent_run_id: str = "",
     quiet: bool = True,
 ) -> NamedTuple("AnnotateOutputs", out_dir=str, dvc_md5=str, mlflow_run_id=str, kept=int,
                 rejected=int):
     from pathlib import Path
 
-    from vidops.components.publish import publish_stage
+    from vidops.components.publish import check_input, publish_stage
     from vidops.config import config_from_json
     from vidops.stages.annotate import run_annotate
     from vidops.tracking.workdir import Workdir
 
     work = Workdir.at(workdir)
+    check_input(in_dir, input_md5)
     # [corpus-]filter-shard-NN -> [corpus-]annotate-shard-NN: the shard's name follows it
     # through the DAG, beside its filter output.
     out_dir = Path(in_dir).with_name(Path(in_dir).name.replace("filter", "annotate", 1))

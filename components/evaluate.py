@@ -4,10 +4,10 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from vidops.components.images import GPU_IMAGE
+from vidops.components.images import CPU_IMAGE
 
 
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def evaluate(
     model_dir: str,
     workdir: str,

@@ -7,6 +7,36 @@ from collections import namedtuple
 from pathlib import Path
 from typing import Any
 
+
+class StaleInput(RuntimeError):
+    """A task's input folder no longer holds the data version the pipeline handed it."""
+
+
+def check_input(in_dir: str | Path, input_md5: str) -> None:
+    """Fail when `in_dir` no longer holds DVC version `input_md5`.
+
+    On a cluster, KFP's cache may serve an upstream task from an earlier run: it hands on the
+    folder that run wrote, which a later run may since have overwritten with other data. The
+    version in the folder's stage.json tells; reading stale data silently would not.
+    """
+    if input_md5:
+        check_inputs([str(in_dir)], [input_md5])
+
+
+def check_inputs(in_dirs: list[str], input_md5s: list[str]) -> None:
+    """`check_input` for a fan-in: the folders hold exactly the versions handed over."""
+    if not input_md5s:
+        return
+    from vidops.stage import load_output
+
+    found = sorted(load_output(Path(d))[1]["dvc"]["md5"] for d in in_dirs)
+    if found != sorted(input_md5s):
+        raise StaleInput(
+            f"{', '.join(map(str, in_dirs))} hold(s) data version(s) {found}, not "
+            f"{sorted(input_md5s)} that this task was given (a cached task's output was "
+            "overwritten by a later run); rerun with caching off (vidops submit --no-cache)")
+
+
 StageOutputs = namedtuple("StageOutputs", "out_dir dvc_md5 mlflow_run_id kept rejected")
 ModelOutputs = namedtuple("ModelOutputs", "model_dir mlflow_run_id final_loss")
 

@@ -20,13 +20,16 @@ from kfp import dsl
 
 from vidops.config import Config
 from vidops.pipelines.curation import curate, encode
-from vidops.pipelines.promotion import evaluate_task, register_task
+from vidops.pipelines.promotion import evaluate_task, register_candidate, register_task
 from vidops.pipelines.training import finetune_task, pretrain_task
 
 FINETUNE_DATASET = "finetune"
 
 
 def build(cfg: Config) -> Callable[..., None]:
+    # A graph component of its own, defined before (not inside) the pipeline that uses it.
+    candidate = register_candidate(cfg)
+
     @dsl.pipeline(
         name="vidops-lifecycle",
         description="Curate source videos, encode them, pretrain a text-to-video model, "
@@ -43,21 +46,20 @@ def build(cfg: Config) -> Callable[..., None]:
     ) -> None:
         common = {"workdir": workdir, "config_json": config_json,
                   "parent_run_id": parent_run_id, "quiet": quiet}
-        curated = curate(sources, common)
-        encoded = encode(curated.outputs["out_dir"], common)
-        pretrained = pretrain_task(encoded.outputs["out_dir"], cfg, common)
+        encoded = encode(curate(sources, common, cfg), common, cfg)
+        pretrained = pretrain_task(encoded, cfg, common)
         base = pretrained.outputs["model_dir"]
-        base_eval = evaluate_task(base, common)
-        registered = register_task(base, base_eval.outputs["eval_dir"], common)
+        base_eval = evaluate_task(base, common, cfg)
+        registered = register_task(candidate, base, base_eval.outputs["eval_dir"], common)
         if cfg.pipeline.finetune:
-            ft_curated = curate(finetune_sources, common, dataset=FINETUNE_DATASET)
-            ft_encoded = encode(ft_curated.outputs["out_dir"], common,
-                                dataset=FINETUNE_DATASET, vae_from_model=base)
-            tuned = finetune_task(ft_encoded.outputs["out_dir"], base, cfg, common)
-            tuned_eval = evaluate_task(tuned.outputs["model_dir"], common,
+            ft_curated = curate(finetune_sources, common, cfg, dataset=FINETUNE_DATASET)
+            ft_encoded = encode(ft_curated, common, cfg, dataset=FINETUNE_DATASET,
+                                vae_from=pretrained)
+            tuned = finetune_task(ft_encoded, pretrained, cfg, common)
+            tuned_eval = evaluate_task(tuned.outputs["model_dir"], common, cfg,
                                        compare_label="pretrained base",
                                        compare_dir=base_eval.outputs["eval_dir"])
-            register_task(tuned.outputs["model_dir"], tuned_eval.outputs["eval_dir"], common
-                          ).after(registered)
+            register_task(candidate, tuned.outputs["model_dir"],
+                          tuned_eval.outputs["eval_dir"], common).after(registered)
 
     return lifecycle_pipeline

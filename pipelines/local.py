@@ -150,9 +150,10 @@ def run_local(
             data_input["finetune_sources"] = finetune_sources
     else:
         curated = Path(curated_dir or workdir.stage_dir("curated")).resolve()
-        load_output(curated)  # a missing or unfinished dataset fails here, not in a task
+        # A missing or unfinished dataset fails here, not in a task.
+        _, curated_info = load_output(curated)
         sources = []
-        data_input = {"curated_dir": str(curated)}
+        data_input = {"curated_dir": str(curated), "curated_md5": curated_info["dvc"]["md5"]}
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     experiment = getattr(cfg.tracking.experiments, EXPERIMENT[name])
@@ -167,8 +168,11 @@ def run_local(
     failure: Exception | None = None
     try:
         # kfp.local warns that the components name a container image while running them in
-        # this environment: that is the point of the embedded default.
+        # this environment, and that their cluster settings do nothing here: that is the
+        # point of the embedded default.
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local "
+                                "runner.*")
         PIPELINES[name](cfg)(**data_input, workdir=str(workdir.root),
                              config_json=cfg.to_json(), parent_run_id=parent_run_id, quiet=quiet)
         status = "FINISHED"

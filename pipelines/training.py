@@ -4,8 +4,9 @@
 
 Encoding is content-addressed: clips the cache already holds (from the curation pipeline or an
 earlier run) cost a lookup, so re-running training on the same data goes straight to pretrain.
-The pretrain task carries the cluster resources of config `resources.pretrain` (CPU, memory,
-GPU type and count) and is never served from KFP's cache: a training run is an experiment.
+The training tasks run in the CUDA image with the GPUs of config `resources.<stage>` on the
+GPU nodes `kubernetes.gpu_node_selector` picks (`pipelines.platform`); KFP's cache serves them
+only when `kubernetes.cache_training` is on and their data, base model and config are unchanged.
 """
 
 from collections.abc import Callable
@@ -15,28 +16,25 @@ from kfp import dsl
 
 from vidops.components.finetune import finetune
 from vidops.components.pretrain import pretrain
-from vidops.config import Config, TaskResources
+from vidops.config import Config
 from vidops.pipelines.curation import encode
+from vidops.pipelines.platform import on_cluster
 
 
-def pretrain_task(data_dir: Any, cfg: Config, common: dict[str, Any]) -> Any:
-    return _training_task(pretrain(data_dir=data_dir, **common), cfg.resources.pretrain)
+def pretrain_task(encoded: Any, cfg: Config, common: dict[str, Any]) -> Any:
+    """Pretraining on the encoded dataset of `encoded` (a merge_encoded task)."""
+    return on_cluster(pretrain(data_dir=encoded.outputs["out_dir"],
+                               input_md5=encoded.outputs["dvc_md5"], **common),
+                      "pretrain", cfg)
 
 
-def finetune_task(data_dir: Any, base_model: Any, cfg: Config, common: dict[str, Any]) -> Any:
-    return _training_task(finetune(data_dir=data_dir, base_model=base_model, **common),
-                          cfg.resources.finetune)
-
-
-def _training_task(task: Any, res: TaskResources) -> Any:
-    task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
-    task.set_memory_request(res.memory).set_memory_limit(res.memory)
-    if res.gpus:
-        if res.accelerator:
-            task.set_accelerator_type(res.accelerator)
-        task.set_accelerator_limit(res.gpus)
-    task.set_caching_options(False)
-    return task
+def finetune_task(encoded: Any, base: Any, cfg: Config, common: dict[str, Any]) -> Any:
+    """Fine-tuning the model of `base` (a training task) on the encoded dataset of `encoded`."""
+    return on_cluster(finetune(data_dir=encoded.outputs["out_dir"],
+                               input_md5=encoded.outputs["dvc_md5"],
+                               base_model=base.outputs["model_dir"],
+                               base_run_id=base.outputs["mlflow_run_id"], **common),
+                      "finetune", cfg)
 
 
 def build(cfg: Config) -> Callable[..., None]:
@@ -49,12 +47,12 @@ def build(cfg: Config) -> Callable[..., None]:
         curated_dir: str,
         workdir: str,
         config_json: str,
+        curated_md5: str = "",
         parent_run_id: str = "",
         quiet: bool = True,
     ) -> None:
         common = {"workdir": workdir, "config_json": config_json,
                   "parent_run_id": parent_run_id, "quiet": quiet}
-        encoded = encode(curated_dir, common)
-        pretrain_task(encoded.outputs["out_dir"], cfg, common)
+        pretrain_task(encode((curated_dir, curated_md5), common, cfg), cfg, common)
 
     return training_pipeline

@@ -22,7 +22,7 @@ def test_samples_command_writes_a_corpus(tmp_path: Path, capsys) -> None:
 def test_compile_command_writes_kfp_yaml(tmp_path: Path) -> None:
     out = tmp_path / "c.yaml"
     assert main(["compile", "--pipeline", "curation", "--out", str(out)]) == 0
-    assert yaml.safe_load(out.read_text())["pipelineInfo"]["name"] == "vidops-curation"
+    assert next(yaml.safe_load_all(out.read_text()))["pipelineInfo"]["name"] == "vidops-curation"
 
 
 def test_global_options_work_before_and_after_the_subcommand(tmp_path: Path) -> None:

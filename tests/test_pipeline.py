@@ -20,8 +20,10 @@ DATA_STAGES = ["ingest", "filter", "annotate", "encode"]
 
 
 def _compiled(tmp_path: Path, name: str = "curation", *overrides: str) -> dict:
+    """The pipeline spec (the first document; the second holds its Kubernetes settings)."""
     cfg = load_config(None, list(overrides))
-    return yaml.safe_load(compile_pipeline(name, tmp_path / f"{name}.yaml", cfg).read_text())
+    path = compile_pipeline(name, tmp_path / f"{name}.yaml", cfg)
+    return next(yaml.safe_load_all(path.read_text()))
 
 
 def test_curation_pipeline_compiles_and_loads_back(tmp_path: Path) -> None:

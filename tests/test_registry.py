@@ -20,7 +20,7 @@ from tests.conftest import TinyI3D, make_pretrained
 from vidops.cli import main
 from vidops.config import Config, load_config
 from vidops.models.folder import CARD, TRANSFORMER_WEIGHTS, model_identity
-from vidops.stage import GateError, StageError
+from vidops.stage import GateError, StageError, gate_failures
 from vidops.stages.evaluate import METRICS_JSON, REPORT_HTML, evaluate, prompt_cases
 from vidops.tracking.registry import CHALLENGER, CHAMPION, register
 from vidops.tracking.workdir import Workdir
@@ -185,8 +185,12 @@ def test_a_model_whose_data_failed_validation_is_refused_unregistered(
     client = MlflowClient(f"sqlite:///{workdir.mlflow_db}")
     before = len(client.search_model_versions("name='vidgen'"))
     with pytest.raises(GateError, match="gate data: failed Great Expectations"):
-        register(tampered, eval_dir, cfg=_cfg(), workdir=workdir)
+        register(tampered, eval_dir, cfg=_cfg(), workdir=workdir,
+                 parent_run_id="pipeline-run-1")
     assert len(client.search_model_versions("name='vidgen'")) == before
+    # Recorded as a refused gate of that pipeline run, so `vidops run` exits 1, not 2.
+    (failure,) = gate_failures(workdir, "pipeline-run-1")
+    assert failure["stage"] == "register" and failure["gate"]["name"] == "data"
 
 
 @pytest.mark.parametrize(("licenses", "unlicensed", "setting", "refusal"), [

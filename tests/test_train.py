@@ -183,14 +183,26 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(
 
 
 def test_torchrun_two_processes_train_the_same_weights(encoded: tuple, tmp_path: Path) -> None:
+    """A pipeline task given two GPUs (here: two CPU processes under gloo) trains under
+    torchrun through the CLI, and hands back the summary its rank 0 wrote."""
+    from vidops.train.launch import JOB_CONFIG, launch_training
+
     workdir, data = encoded
     out = tmp_path / "ddp"
-    proc = _cli(workdir, "pretrain", "--data", str(data), "--out", str(out), "--nproc", "2",
-                "--set", "train.steps=4", "--set", "train.batch_size=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / TRAINING_JSON).read_text())
+    cfg = _cfg("train.steps=4", "train.batch_size=2", "resources.pretrain.gpus=2",
+               "train.device=cpu")
+
+    def in_this_process() -> dict:
+        raise AssertionError("two GPUs must train under torchrun")
+
+    summary = launch_training("pretrain", ["--workdir", str(workdir.root), "--data", str(data),
+                                           "--out", str(out), "--parent-run-id", "", "--quiet"],
+                              out, cfg, in_this_process)
+    assert summary == json.loads((out / TRAINING_JSON).read_text())
     assert summary["world_size"] == 2
     assert len(summary["rank_digests"]) == 2 and summary["ranks_agree"] is True
+    # The processes trained under the task's own configuration, written beside the model.
+    assert json.loads((out / JOB_CONFIG).read_text())["train"]["steps"] == 4
     # Only rank 0 wrote: one checkpoint directory per save, one model folder.
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]
     state = torch.load(out / "checkpoints" / "step-00000004" / "state.pt", weights_only=False)

@@ -10,14 +10,16 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vidops.config import Config
     from vidops.tracking.workdir import Workdir
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE = 0, 1, 2
+PIPELINE_NAMES = ["lifecycle", "curation", "training"]
 
 
 def _common(top: bool) -> argparse.ArgumentParser:
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start afresh, deleting earlier checkpoints in --out")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine: DDP under torchrun (gloo on CPU)")
+    p.add_argument("--parent-run-id", default="",
+                   help="the MLflow run to nest under (a pipeline's launcher sets it)")
 
     p = sub.add_parser("finetune", parents=[common],
                        help="adapt a trained model to new data: LoRA or full fine-tuning")
@@ -138,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine: torchrun (DDP for lora, DeepSpeed ZeRO "
                    "for sft; gloo on CPU)")
+    p.add_argument("--parent-run-id", default="",
+                   help="the MLflow run to nest under (a pipeline's launcher sets it)")
 
     p = sub.add_parser("generate", parents=[common], help="text to video with a trained model")
     p.add_argument("--model", required=True,
@@ -204,16 +210,54 @@ def build_parser() -> argparse.ArgumentParser:
                    default=[], metavar="URI",
                    help="lifecycle: the corpus to fine-tune on (default with the samples: "
                    "samples.finetune_kinds)")
-    p.add_argument("--pipeline", default="lifecycle",
-                   choices=["lifecycle", "curation", "training"],
+    p.add_argument("--pipeline", default="lifecycle", choices=PIPELINE_NAMES,
                    help="lifecycle (default): curation then training; training starts from a "
                    "curated dataset (--data)")
     p.add_argument("--data", type=Path, default=None,
                    help="training pipeline: the curated dataset (default <workdir>/data/curated)")
 
     p = sub.add_parser("compile", parents=[common], help="compile a pipeline to KFP YAML")
-    p.add_argument("--pipeline", required=True, choices=["lifecycle", "curation", "training"])
+    p.add_argument("--pipeline", required=True, choices=PIPELINE_NAMES)
     p.add_argument("--out", type=Path, required=True)
+
+    # A Kubeflow Pipelines endpoint: --host, else KFP_HOST / KF_PIPELINES_ENDPOINT, else the
+    # in-cluster service; a token from KFP_TOKEN or the pod's projected service-account token.
+    endpoint = argparse.ArgumentParser(add_help=False)
+    endpoint.add_argument("--host", default=None, help="the KFP API endpoint")
+    endpoint.add_argument("--namespace", default=None,
+                          help="the KFP namespace (multi-user Kubeflow: the profile)")
+    remote_run = argparse.ArgumentParser(add_help=False)
+    remote_run.add_argument("pipeline", nargs="?", default="lifecycle", choices=PIPELINE_NAMES)
+    remote_run.add_argument("--source", dest="sources", nargs="+", action="extend", default=[],
+                            metavar="URI", help="source videos as the pods see them "
+                            "(s3://..., or a path on the workdir volume)")
+    remote_run.add_argument("--finetune-source", dest="finetune_sources", nargs="+",
+                            action="extend", default=[], metavar="URI",
+                            help="lifecycle: the corpus to fine-tune on")
+    remote_run.add_argument("--data", default=None,
+                            help="training pipeline: the curated dataset folder")
+    remote_run.add_argument("--experiment", default="vidops", help="the KFP experiment")
+    remote_run.add_argument("--service-account", default=None,
+                            help="the Kubernetes service account the run's pods use "
+                            "(manifests/: vidops-pipeline-runner)")
+    remote_run.add_argument("--no-cache", action="store_true",
+                            help="run every task, whatever KFP's cache holds")
+    p = sub.add_parser("submit", parents=[common, endpoint, remote_run],
+                       help="compile a pipeline and start a run of it on Kubeflow Pipelines "
+                       "(--workdir: the workdir as the pods see it; default "
+                       "kubernetes.workdir_mount)")
+    p.add_argument("--run-name", default=None)
+    p = sub.add_parser("schedule", parents=[common, endpoint, remote_run],
+                       help="a recurring run of a pipeline on Kubeflow Pipelines")
+    p.add_argument("--cron", required=True, metavar="EXPR",
+                   help="when: standard 5-field cron (\"0 3 * * 0\": Sundays 03:00) or "
+                   "KFP's 6-field form with seconds first")
+    p.add_argument("--name", default=None, help="the recurring run's name")
+    p = sub.add_parser("status", parents=[common, endpoint],
+                       help="a Kubeflow Pipelines run's state and its tasks' states")
+    p.add_argument("run_id")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait up to this long for the run to finish")
     return parser
 
 
@@ -248,55 +292,88 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     from vidops.tracking.workdir import Workdir
 
-    if args.command == "samples":
-        from vidops.data.samples import write_samples
+    if args.command in _WITHOUT_WORKDIR:
+        return _WITHOUT_WORKDIR[args.command](args, cfg)
+    return _WITH_WORKDIR[args.command](args, cfg, Workdir.at(args.workdir))
 
-        report = write_samples(args.dir, args.kind, count=args.count,
-                               seed=cfg.seed if args.seed is None else args.seed)
-        print(f"wrote {len(report.files)} {args.kind} videos to {report.out_dir}")
-        return EXIT_OK
 
-    if args.command == "compile":
-        from vidops.pipelines.compile import compile_pipeline
+def _samples(args: argparse.Namespace, cfg: Config) -> int:
+    from vidops.data.samples import write_samples
 
-        print(f"wrote {compile_pipeline(args.pipeline, args.out, cfg)}")
-        return EXIT_OK
+    report = write_samples(args.dir, args.kind, count=args.count,
+                           seed=cfg.seed if args.seed is None else args.seed)
+    print(f"wrote {len(report.files)} {args.kind} videos to {report.out_dir}")
+    return EXIT_OK
 
-    workdir = Workdir.at(args.workdir)
-    if args.command in ("ingest", "filter", "annotate", "merge", "encode", "merge-encoded"):
-        return _run_data_stage(args, cfg, workdir)
 
-    if args.command == "pretrain":
-        return _pretrain(args, cfg, workdir)
+def _compile(args: argparse.Namespace, cfg: Config) -> int:
+    from vidops.pipelines.compile import compile_pipeline
 
-    if args.command == "finetune":
-        return _finetune(args, cfg, workdir)
+    print(f"wrote {compile_pipeline(args.pipeline, args.out, cfg)}")
+    return EXIT_OK
 
-    if args.command == "generate":
-        return _generate(args, cfg, workdir)
 
-    if args.command == "evaluate":
-        return _evaluate(args, cfg, workdir)
+def _run(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
+    from vidops.pipelines.local import PipelineFailed, run_local, summary_table
 
-    if args.command == "register":
-        return _register(args, cfg, workdir)
+    try:
+        summary = run_local(args.pipeline, cfg, workdir, args.sources, quiet=args.quiet,
+                            curated_dir=args.data, finetune_sources=args.finetune_sources)
+    except PipelineFailed as exc:
+        print(f"vidops: {exc}", file=sys.stderr)
+        print(f"see {workdir.run_summary}", file=sys.stderr)
+        return EXIT_GATE if exc.gate else EXIT_USAGE
+    print(summary_table(summary))
+    return EXIT_OK
 
-    if args.command == "lineage":
-        return _lineage(args, cfg, workdir)
 
-    if args.command == "run":
-        from vidops.pipelines.local import PipelineFailed, run_local, summary_table
+def _run_request(args: argparse.Namespace, cfg: Config) -> Any:
+    from vidops.pipelines.submit import RunRequest
+
+    return RunRequest(
+        pipeline=args.pipeline, inputs=[args.data] if args.data else list(args.sources),
+        finetune_inputs=list(args.finetune_sources),
+        workdir=str(args.workdir or cfg.kubernetes.workdir_mount),
+        experiment=args.experiment, run_name=getattr(args, "run_name", None),
+        service_account=args.service_account,
+        enable_caching=False if args.no_cache else None)
+
+
+def _remote(action: Callable[[argparse.Namespace, Config, Any], dict[str, Any]]
+            ) -> Callable[[argparse.Namespace, Config], int]:
+    """A command against a KFP endpoint: its result as JSON, or the reason it failed."""
+
+    def command(args: argparse.Namespace, cfg: Config) -> int:
+        from vidops.pipelines.submit import SubmitError, kfp_client
 
         try:
-            summary = run_local(args.pipeline, cfg, workdir, args.sources, quiet=args.quiet,
-                                curated_dir=args.data, finetune_sources=args.finetune_sources)
-        except PipelineFailed as exc:
+            result = action(args, cfg, kfp_client(args.host, args.namespace))
+        except SubmitError as exc:
             print(f"vidops: {exc}", file=sys.stderr)
-            print(f"see {workdir.run_summary}", file=sys.stderr)
-            return EXIT_GATE if exc.gate else EXIT_USAGE
-        print(summary_table(summary))
-        return EXIT_OK
-    raise AssertionError(f"unhandled command {args.command}")
+            return EXIT_USAGE
+        print(json.dumps(result, indent=2))
+        return EXIT_GATE if result.get("state") in ("FAILED", "CANCELED") else EXIT_OK
+
+    return command
+
+
+def _submit(args: argparse.Namespace, cfg: Config, client: Any) -> dict[str, Any]:
+    from vidops.pipelines.submit import submit
+
+    return submit(cfg, _run_request(args, cfg), client)
+
+
+def _schedule(args: argparse.Namespace, cfg: Config, client: Any) -> dict[str, Any]:
+    from vidops.pipelines.submit import schedule
+
+    return schedule(cfg, _run_request(args, cfg), args.cron, client, name=args.name)
+
+
+def _status(args: argparse.Namespace, cfg: Config, client: Any) -> dict[str, Any]:
+    from vidops.pipelines.submit import run_status
+
+    del cfg
+    return run_status(client, args.run_id, wait_s=args.wait)
 
 
 def _torchrun(nproc: int) -> int:
@@ -335,7 +412,8 @@ def _pretrain(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
     try:
         summary = pretrain(args.data or workdir.stage_dir("encoded"),
                            args.out or workdir.models / "pretrain", cfg=cfg,
-                           workdir=workdir, resume=args.resume, quiet=args.quiet)
+                           workdir=workdir, resume=args.resume, quiet=args.quiet,
+                           parent_run_id=args.parent_run_id or None)
     except (TrainError, FileNotFoundError, ValueError) as exc:
         print(f"vidops: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -365,7 +443,8 @@ def _finetune(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
         summary = finetune(args.data or workdir.stage_dir("finetune-encoded"), args.base,
                            args.out or workdir.models / "finetune", cfg=cfg,
                            workdir=workdir, method=method, merge=args.merge,
-                           resume=args.resume, quiet=args.quiet)
+                           resume=args.resume, quiet=args.quiet,
+                           parent_run_id=args.parent_run_id or None)
     except (TrainError, ModelFolderError, AdapterError, FileNotFoundError, ValueError) as exc:
         print(f"vidops: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -528,6 +607,26 @@ def _run_data_stage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> 
                       "mlflow_run_id": info["mlflow"]["run_id"]}, indent=2))
     return EXIT_OK
 
+
+# The commands by name; those in the first table need no workdir on this machine.
+_WITHOUT_WORKDIR: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "samples": _samples,
+    "compile": _compile,
+    "submit": _remote(_submit),
+    "schedule": _remote(_schedule),
+    "status": _remote(_status),
+}
+_WITH_WORKDIR: dict[str, Callable[[argparse.Namespace, Config, Workdir], int]] = {
+    **{stage: _run_data_stage for stage in
+       ("ingest", "filter", "annotate", "merge", "encode", "merge-encoded")},
+    "pretrain": _pretrain,
+    "finetune": _finetune,
+    "generate": _generate,
+    "evaluate": _evaluate,
+    "register": _register,
+    "lineage": _lineage,
+    "run": _run,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,14 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -189,6 +196,9 @@ class TrainConfig(_Strict):
     log_every: int = Field(ge=1)
     sample_every: int = Field(ge=0)
     sample_prompts: list[str]
+    # Pods of one training run on a cluster: more than 1 runs pretraining as a Kubeflow
+    # PyTorchJob (Training Operator), each pod with resources.pretrain's GPUs.
+    nodes: int = Field(default=1, ge=1)
     holdout_fraction: float = Field(ge=0, lt=1)
 
 
@@ -258,17 +268,94 @@ class RegistryConfig(_Strict):
 
 
 class TaskResources(_Strict):
-    # Kubernetes quantities: `cpu: 16` or `cpu: "500m"`, `memory: 32G` alike.
+    # Kubernetes quantities: `cpu: 16` or `cpu: "500m"`, `memory: 32G` alike. Requests and
+    # limits are set alike (Guaranteed QoS: a training pod is never the first evicted).
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
     cpu: str
     memory: str
-    accelerator: str | None
-    gpus: int = Field(ge=0)
+    accelerator: str | None = None
+    gpus: int = Field(default=0, ge=0)
 
 
 class ResourcesConfig(_Strict):
+    """What each task of the compiled pipelines requests on a cluster, by component name."""
+
+    ingest: TaskResources
+    shard: TaskResources
+    filter: TaskResources
+    annotate: TaskResources
+    merge: TaskResources
+    encode: TaskResources
+    merge_encoded: TaskResources
     pretrain: TaskResources
     finetune: TaskResources
+    evaluate: TaskResources
+    # `register` would shadow BaseModel.register: the YAML key is `register`.
+    register_stage: TaskResources = Field(alias="register")
+    promote: TaskResources
+
+    def for_stage(self, stage: str) -> TaskResources:
+        """The resources of a component by its name (`merge-encoded` or `merge_encoded`)."""
+        field = stage.replace("-", "_")
+        field = "register_stage" if field == "register" else field
+        if field not in type(self).model_fields:
+            raise KeyError(f"no resources.{stage} in the configuration")
+        return getattr(self, field)
+
+    @model_validator(mode="after")
+    def _gpus_only_for_training(self) -> ResourcesConfig:
+        # The CPU image runs every other stage: a GPU request there would idle a GPU.
+        for name, info in type(self).model_fields.items():
+            key = info.alias or name
+            if key not in GPU_STAGES and getattr(self, name).gpus:
+                raise ValueError(f"resources.{key}.gpus: only {', '.join(GPU_STAGES)} "
+                                 f"run on GPU nodes")
+        return self
+
+
+# The stages that train: the CUDA image, GPU requests, not served from KFP's cache by default.
+TRAINING_STAGES = ("pretrain", "finetune")
+# Evaluation may have GPUs too (sampling a big model), when config asks; by default it has none.
+GPU_STAGES = (*TRAINING_STAGES, "evaluate")
+
+
+class SecretEnv(_Strict):
+    """A Kubernetes Secret whose keys become environment variables of every task."""
+
+    secret: str
+    env: dict[str, str]  # ENV_VAR: key in the secret
+
+
+class RetryConfig(_Strict):
+    attempts: int = Field(ge=0)
+    backoff: str  # a duration: "30s", "5m"
+    backoff_factor: float = Field(ge=1)
+    backoff_max: str
+
+
+class KubernetesConfig(_Strict):
+    """How the compiled pipelines run on a cluster (kfp-kubernetes task settings)."""
+
+    workdir_pvc: str
+    workdir_mount: str
+    secrets: list[SecretEnv]
+    config_map: str | None
+    config_map_env: dict[str, str]
+    image_pull_secrets: list[str]
+    gpu_node_selector: dict[str, str]
+    gpu_tolerations: list[dict[str, str]]
+    data_retries: RetryConfig
+    cache_data: bool
+    cache_training: bool
+    run_as_user: int = Field(ge=1)
+    job_timeout_s: int = Field(ge=60)
+
+    @field_validator("workdir_mount")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return value
 
 
 class Config(_Strict):
@@ -291,6 +378,7 @@ class Config(_Strict):
     resources: ResourcesConfig
     pipeline: PipelineConfig
     images: ImagesConfig
+    kubernetes: KubernetesConfig
 
     @model_validator(mode="after")
     def _finetune_train_valid(self) -> Config:

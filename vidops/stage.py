@@ -265,17 +265,22 @@ GATE_FAILURES = "gate-failures"
 
 
 def _record_gate_failure(ctx: StageContext, message: str, summary: dict[str, Any]) -> None:
-    """Leave a note in the workdir, so whoever runs the pipeline (possibly in another process)
-    can tell a refused gate (exit 1) from a crash."""
     run = mlflow.active_run()
-    record = {"stage": ctx.name, "message": message, "validation": summary,
-              "mlflow_run_id": run.info.run_id if run else None,
-              "parent_run_id": (run.data.tags.get("mlflow.parentRunId") if run else None),
-              "at": datetime.now(timezone.utc).isoformat()}
-    folder = ctx.workdir.root / GATE_FAILURES
+    record_gate_failure(ctx.workdir, ctx.name, message, {"validation": summary},
+                        run.data.tags.get("mlflow.parentRunId") if run else None,
+                        run.info.run_id if run else None)
+
+
+def record_gate_failure(workdir: Workdir, stage: str, message: str, details: dict[str, Any],
+                        parent_run_id: str | None, mlflow_run_id: str | None = None) -> None:
+    """Leave a note in the workdir, so whoever runs the pipeline (possibly in another process)
+    can tell a refused gate (exit 1) from a crash: a data gate, or the registry's."""
+    record = {"stage": stage, "message": message, **details, "mlflow_run_id": mlflow_run_id,
+              "parent_run_id": parent_run_id, "at": datetime.now(timezone.utc).isoformat()}
+    folder = workdir.root / GATE_FAILURES
     folder.mkdir(exist_ok=True)
-    (folder / f"{ctx.name}-{record['mlflow_run_id']}.json").write_text(json.dumps(record,
-                                                                                  indent=2))
+    name = f"{stage}-{mlflow_run_id or uuid.uuid4().hex[:12]}.json"
+    (folder / name).write_text(json.dumps(record, indent=2))
 
 
 def gate_failures(workdir: Workdir, parent_run_id: str) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from vidops.config import Config
-from vidops.stage import GateError, StageError
+from vidops.stage import GateError, StageError, record_gate_failure
 from vidops.tracking import mlflow_runs
 from vidops.tracking.workdir import Workdir, code_version
 
@@ -221,8 +221,12 @@ def register(
                             cfg.registry.require_license)
     for gate in (data, licensed):
         if not gate.passed:
-            raise GateError(f"{model_ref} refused, nothing registered: gate {gate.name}: "
-                            f"{gate.detail}")
+            message = (f"{model_ref} refused, nothing registered: gate {gate.name}: "
+                       f"{gate.detail}")
+            # Recorded like a data gate's refusal: `vidops run` then exits 1, not 2.
+            record_gate_failure(workdir, "register", message, {"gate": asdict(gate)},
+                                parent_run_id)
+            raise GateError(message)
 
     mlflow_runs.configure(cfg, workdir)
     client = MlflowClient()
