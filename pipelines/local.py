@@ -8,11 +8,17 @@ in their stage.json files.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import shutil
+import socket
+import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,7 @@ from vidops.config import Config, ConfigError
 from vidops.data.samples import write_samples
 from vidops.stage import StageError, gate_failures, load_output
 from vidops.tracking import mlflow_runs
+from vidops.tracking.redact import redact_obj, refuse_inline_credentials
 from vidops.tracking.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -120,6 +127,36 @@ def ensure_samples(cfg: Config, workdir: Workdir, quiet: bool = False,
     return sources
 
 
+RUN_LOCK = ".run.lock"
+
+
+@contextmanager
+def exclusive_run(workdir: Workdir) -> Iterator[None]:
+    """One `vidops run` at a time per workdir: a second one waits for the first, saying whose
+    run it waits for. Two runs interleaving their stages in one workdir would overwrite each
+    other's outputs. The kernel drops the lock when its holder dies (even by SIGKILL), so a
+    killed run never leaves the workdir locked."""
+    path = workdir.root / RUN_LOCK
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that did not say"
+            print(f"vidops: workdir {workdir.root} is in use by another vidops run ({holder}); "
+                  "waiting for it to finish", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_local(
     name: str,
     cfg: Config,
@@ -135,9 +172,20 @@ def run_local(
     training pipeline gets `curated_dir` (default: the workdir's curated dataset). The
     lifecycle fine-tunes on `finetune_sources` (default, when `sources` are the samples too:
     the samples.finetune_kinds corpus)."""
+    with exclusive_run(workdir):
+        return _run_local(name, cfg, workdir, sources, quiet, curated_dir, finetune_sources)
+
+
+def _run_local(name: str, cfg: Config, workdir: Workdir, sources: list[str] | None,
+               quiet: bool, curated_dir: Path | None, finetune_sources: list[str] | None
+               ) -> dict[str, Any]:
     from vidops.pipelines.registry import EXPERIMENT, INPUT_PARAMETER, PIPELINES
 
     finetune_sources = list(finetune_sources or [])
+    # The configuration and sources become the tasks' parameters (kept by kfp.local under
+    # the pipeline root), as on a cluster: credentials come from the environment only.
+    refuse_inline_credentials(cfg.to_dict(), [*(sources or []), *finetune_sources],
+                              where=f"the {name} pipeline")
     if INPUT_PARAMETER[name] == "sources":
         if name == "lifecycle" and cfg.pipeline.finetune and not finetune_sources:
             if sources:
@@ -208,6 +256,7 @@ def run_local(
         "model": models[-1] if models else None,
         "evaluations": judged,
     }
+    summary = redact_obj(summary)  # the failure message may name a URI
     tmp = workdir.run_summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     tmp.replace(workdir.run_summary)

@@ -25,6 +25,7 @@ from typing import Any
 from vidops.config import Config
 from vidops.pipelines.compile import compile_pipeline
 from vidops.pipelines.registry import INPUT_PARAMETER
+from vidops.tracking.redact import refuse_inline_credentials
 
 TOKEN_ENV = "KFP_TOKEN"
 HOST_ENVS = ("KFP_HOST", "KF_PIPELINES_ENDPOINT")
@@ -50,7 +51,10 @@ class RunRequest:
 
     def arguments(self, cfg: Config) -> dict[str, Any]:
         """The pipeline's parameters. No credential is ever one: tasks read those from
-        Secrets (config `kubernetes.secrets`)."""
+        Secrets (config `kubernetes.secrets`), so a URI that carries one inline (a password,
+        a presigned query) is refused (ConfigError)."""
+        refuse_inline_credentials(cfg.to_dict(), [*self.inputs, *self.finetune_inputs],
+                                  where=f"a {self.pipeline} run")
         args: dict[str, Any] = {"workdir": self.workdir, "config_json": cfg.to_json()}
         name = INPUT_PARAMETER[self.pipeline]
         if name == "curated_dir":
@@ -89,11 +93,12 @@ def kfp_client(host: str | None = None, namespace: str | None = None) -> Any:
 
 def submit(cfg: Config, request: RunRequest, client: Any) -> dict[str, str]:
     """Compile and create one run; returns its id and experiment."""
+    arguments = request.arguments(cfg)  # refused here, before anything is compiled or sent
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(request.pipeline, Path(tmp) / "pipeline.yaml", cfg)
         try:
             result = client.create_run_from_pipeline_package(
-                str(package), arguments=request.arguments(cfg),
+                str(package), arguments=arguments,
                 run_name=request.run_name or _run_name(request.pipeline),
                 experiment_name=request.experiment, enable_caching=request.enable_caching,
                 service_account=request.service_account)
@@ -122,6 +127,7 @@ def schedule(cfg: Config, request: RunRequest, cron: str, client: Any,
              name: str | None = None) -> dict[str, str]:
     """Create a recurring run (one at a time, no catch-up of missed runs)."""
     cron = kfp_cron(cron)
+    arguments = request.arguments(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(request.pipeline, Path(tmp) / "pipeline.yaml", cfg)
         try:
@@ -129,7 +135,7 @@ def schedule(cfg: Config, request: RunRequest, cron: str, client: Any,
             job = client.create_recurring_run(
                 experiment_id=experiment.experiment_id,
                 job_name=name or f"vidops-{request.pipeline}", cron_expression=cron,
-                pipeline_package_path=str(package), params=request.arguments(cfg),
+                pipeline_package_path=str(package), params=arguments,
                 max_concurrency=1, no_catchup=True, enable_caching=request.enable_caching,
                 service_account=request.service_account)
         except Exception as exc:

@@ -194,8 +194,9 @@ def test_cli_ingest_exit_codes(cfg, tmp_path: Path, capsys) -> None:
 
 
 def test_fsspec_urls_in_a_remote_manifest(cfg, workdir, tmp_path: Path) -> None:
-    """Any installed fsspec protocol: here the in-memory one, which lives in this process
-    only, so the workers are turned off (remote stores such as s3:// need no such care)."""
+    """Any installed fsspec protocol listed in ingest.allowed_schemes: here the in-memory
+    one, which lives in this process only, so the workers are turned off (remote stores such
+    as s3:// need no such care)."""
     import fsspec
 
     from vidops.config import load_config
@@ -209,7 +210,7 @@ def test_fsspec_urls_in_a_remote_manifest(cfg, workdir, tmp_path: Path) -> None:
         b'{"uri": "memory://bucket/videos/b.mkv"}',
         b'{"uri": "videos/bad.mp4"}',
     ]))
-    single = load_config("tiny", ["ingest.workers=1"])
+    single = load_config("tiny", ["ingest.workers=1", "ingest.allowed_schemes=[file,memory]"])
     info = run_ingest(["memory://bucket/list.jsonl"], tmp_path / "out", cfg=single,
                       workdir=workdir, quiet=True)
     manifest, _ = load_output(tmp_path / "out")

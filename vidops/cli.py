@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a gate refused (data or model quality), 2 bad usage or 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -261,12 +262,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stderr(message: str) -> None:
+    """An error for the user; any URI in it (a source, an endpoint) without credentials."""
+    from vidops.tracking.redact import redact_text
+
+    print(redact_text(message), file=sys.stderr)
+
+
+class _RedactingFilter(logging.Filter):
+    """Log records as they are emitted, with credentials inside URIs masked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from vidops.tracking.redact import redact_text
+
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted is not message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def _setup_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # MLflow configures its own handler; --quiet must reach it (and alembic's migrations).
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(level)
+    for name in ("", "mlflow", "alembic"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _RedactingFilter) for f in handler.filters):
+                handler.addFilter(_RedactingFilter())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,15 +303,42 @@ def main(argv: list[str] | None = None) -> int:
     from vidops.stage import GateError, StageError
 
     try:
+        from vidops.tracking.redact import secrets_from_files
+
+        secrets_from_files()
         cfg = load_config(args.config,
                           [*args.overrides, *getattr(args, "sub_overrides", [])])
         return _dispatch(args, cfg)
     except GateError as exc:
-        print(f"vidops: gate refused: {exc}", file=sys.stderr)
+        _stderr(f"vidops: gate refused: {exc}")
         return EXIT_GATE
     except (ConfigError, SourceError, StageError) as exc:
-        print(f"vidops: error: {exc}", file=sys.stderr)
+        _stderr(f"vidops: error: {exc}")
         return EXIT_USAGE
+    except Exception as exc:
+        full = _out_of_space(exc)
+        if full is None:
+            raise
+        # The stage that ran out removed its partial output; nothing half-written is left
+        # for a later stage to read. Free space (or move --workdir) and run it again.
+        _stderr(f"vidops: error: no space left on device ({full}); the stage's partial "
+                "output was removed: free space and run it again")
+        return EXIT_USAGE
+
+
+def _out_of_space(exc: BaseException) -> str | None:
+    """What ran out of space, when `exc` (or what caused it) is a full disk: a write that
+    failed with ENOSPC, or SQLite's (the MLflow store's) "database or disk is full"."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return f"writing {current.filename or 'the workdir'}"
+        if "database or disk is full" in str(current):
+            return "the MLflow store's database"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
@@ -320,7 +372,7 @@ def _run(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
         summary = run_local(args.pipeline, cfg, workdir, args.sources, quiet=args.quiet,
                             curated_dir=args.data, finetune_sources=args.finetune_sources)
     except PipelineFailed as exc:
-        print(f"vidops: {exc}", file=sys.stderr)
+        _stderr(f"vidops: {exc}")
         print(f"see {workdir.run_summary}", file=sys.stderr)
         return EXIT_GATE if exc.gate else EXIT_USAGE
     print(summary_table(summary))
@@ -349,7 +401,7 @@ def _remote(action: Callable[[argparse.Namespace, Config, Any], dict[str, Any]]
         try:
             result = action(args, cfg, kfp_client(args.host, args.namespace))
         except SubmitError as exc:
-            print(f"vidops: {exc}", file=sys.stderr)
+            _stderr(f"vidops: {exc}")
             return EXIT_USAGE
         print(json.dumps(result, indent=2))
         return EXIT_GATE if result.get("state") in ("FAILED", "CANCELED") else EXIT_OK
@@ -415,7 +467,7 @@ def _pretrain(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
                            workdir=workdir, resume=args.resume, quiet=args.quiet,
                            parent_run_id=args.parent_run_id or None)
     except (TrainError, FileNotFoundError, ValueError) as exc:
-        print(f"vidops: error: {exc}", file=sys.stderr)
+        _stderr(f"vidops: error: {exc}")
         return EXIT_USAGE
     _print_training(summary)
     return EXIT_OK
@@ -446,7 +498,7 @@ def _finetune(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
                            resume=args.resume, quiet=args.quiet,
                            parent_run_id=args.parent_run_id or None)
     except (TrainError, ModelFolderError, AdapterError, FileNotFoundError, ValueError) as exc:
-        print(f"vidops: error: {exc}", file=sys.stderr)
+        _stderr(f"vidops: error: {exc}")
         return EXIT_USAGE
     _print_training(summary)
     return EXIT_OK
@@ -473,7 +525,7 @@ def _generate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
                           negative_prompt=(gen.negative_prompt if args.negative_prompt is None
                                            else args.negative_prompt))
     except (ModelFolderError, AdapterError, FileNotFoundError, ValueError) as exc:
-        print(f"vidops: error: {exc}", file=sys.stderr)
+        _stderr(f"vidops: error: {exc}")
         return EXIT_USAGE
     written = save_video(videos[0], args.out, model.fps, gif=args.gif or gen.gif)
     frames, height, width = videos.shape[1:4]
@@ -490,7 +542,7 @@ def _evaluate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
     for item in args.compare:
         label, sep, folder = item.partition("=")
         if not sep:
-            print(f"vidops: error: --compare expects LABEL=DIR, got {item!r}", file=sys.stderr)
+            _stderr(f"vidops: error: --compare expects LABEL=DIR, got {item!r}")
             return EXIT_USAGE
         compare[label] = Path(folder)
     out = args.out or workdir.evaluations / Path(str(args.model).rstrip("/")).name
@@ -498,7 +550,7 @@ def _evaluate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
         result = evaluate(args.model, out, cfg=cfg, workdir=workdir, reference=args.reference,
                           compare=compare, quiet=args.quiet)
     except (ModelFolderError, FileNotFoundError, ValueError) as exc:
-        print(f"vidops: error: {exc}", file=sys.stderr)
+        _stderr(f"vidops: error: {exc}")
         return EXIT_USAGE
     print(json.dumps({"out": str(out), "report": str(out / REPORT_HTML),
                       "videos": len(result["videos"]), "headline": result["headline"]},
@@ -514,7 +566,7 @@ def _register(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
         result = register(args.model, args.eval_dir, cfg=cfg, workdir=workdir,
                           promote=args.promote)
     except (ModelFolderError, FileNotFoundError, ValueError) as exc:
-        print(f"vidops: error: {exc}", file=sys.stderr)
+        _stderr(f"vidops: error: {exc}")
         return EXIT_USAGE
     print(json.dumps({k: result[k] for k in ("name", "version", "model_uri", "aliases",
                                               "passed", "champion_before", "gates")}, indent=2))
@@ -538,12 +590,12 @@ def _lineage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
         usage = source_usage(args.source, cfg=cfg, workdir=workdir)
         print(json.dumps(usage, indent=2))
         if not usage["models"]:
-            print(f"{args.source}: not used by any model", file=sys.stderr)
+            _stderr(f"{args.source}: not used by any model")
         return EXIT_OK
     try:
         lineage = model_lineage(args.model, cfg=cfg, workdir=workdir, verify=args.verify)
     except (ModelFolderError, FileNotFoundError, ValueError) as exc:
-        print(f"vidops: error: {exc}", file=sys.stderr)
+        _stderr(f"vidops: error: {exc}")
         return EXIT_USAGE
     slug = re.sub(r"[^\w.-]+", "-", str(args.model)).strip("-")[-80:]
     json_path, html_path = write_lineage(args.out or workdir.root / "lineage" / slug, lineage)

@@ -8,6 +8,7 @@ profile or a `--set` into an error that names the key instead of a silently igno
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -62,11 +63,28 @@ class SamplesConfig(_Strict):
     counts: SampleCounts
 
 
+class IngestLimits(_Strict):
+    max_pixels: int = Field(ge=1)
+    max_frames: int = Field(ge=1)
+    max_bytes: int = Field(ge=1)
+    max_caption_chars: int = Field(ge=1)
+
+
 class IngestConfig(_Strict):
     video_extensions: list[str] = Field(min_length=1)
     workers: int = Field(ge=0)
     default_license: str | None
     min_packet_coverage: float = Field(gt=0, le=1)
+    allowed_schemes: list[str] = Field(min_length=1)
+    limits: IngestLimits
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _schemes(cls, value: list[str]) -> list[str]:
+        for scheme in value:
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+                raise ValueError(f"{scheme!r} is not a URI scheme (lowercase, e.g. file, s3)")
+        return value
 
 
 class NormaliseConfig(_Strict):
@@ -390,6 +408,21 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _dvc_remote_without_credentials(self) -> Config:
+        # DVC writes its remote's URL into the workdir's .dvc/config (and names it in its
+        # errors): a credential there would be on disk for good. Named, never echoed.
+        from vidops.tracking.redact import inline_credentials
+
+        found = inline_credentials(self.dvc.remote or "")
+        if found:
+            raise ValueError(
+                f"dvc.remote carries credentials inline ({', '.join(found)}): DVC would store "
+                "them in the workdir's .dvc/config. Give them through the environment "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3://, "
+                "GOOGLE_APPLICATION_CREDENTIALS for gs://, AZURE_STORAGE_* for azure://)")
+        return self
+
+    @model_validator(mode="after")
     def _cogvideox_frames_valid(self) -> Config:
         # A pretrained CogVideoX (with its 4x-in-time VAE) trains on 8N+1 frames only; say so
         # at load time, with the nearest valid counts, not deep inside a training step.
@@ -457,6 +490,9 @@ def load_config(
     profile: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
     """params.yaml <- profile <- `key=value` overrides, validated into a Config."""
+    import yaml
+
+    layers = []
     try:
         layers = [OmegaConf.create(default_params_text())]
         if profile is not None:
@@ -464,11 +500,28 @@ def load_config(
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"--set expects key=value, got {item!r}")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+        merged = OmegaConf.to_container(
+            OmegaConf.merge(*layers, OmegaConf.from_dotlist(list(overrides))), resolve=True)
+    # YAMLError: a --set value YAML cannot read (control characters, ...).
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        from vidops.tracking.redact import redact_text
+
+        raise ConfigError(f"invalid configuration{_blame(layers, overrides)}: "
+                          f"{redact_text(str(exc))}") from None
     return config_from_dict(merged)
+
+
+def _blame(layers: list[Any], overrides: list[str] | tuple[str, ...]) -> str:
+    """ " (--set 'key')" for the first override that fails on its own, else ""."""
+    for item in overrides:
+        try:
+            OmegaConf.to_container(OmegaConf.merge(*layers, OmegaConf.from_dotlist([item])),
+                                   resolve=True)
+        except Exception:  # any failure points at this item
+            return f" (--set {item.split('=', 1)[0]!r})"
+    return ""
 
 
 def config_from_dict(data: Any) -> Config:
@@ -490,7 +543,9 @@ def _problems(exc: ValidationError, prefix: str = "") -> list[str]:
             problems.append(str(err["ctx"]["error"]) if "error" in err.get("ctx", {})
                             else err["msg"])
         else:
-            problems.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+            from vidops.tracking.redact import redact_text
+
+            problems.append(f"'{key}': {err['msg']} (got {redact_text(repr(err.get('input')))})")
     return problems
 
 

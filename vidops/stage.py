@@ -15,6 +15,10 @@ the kept rows point to. `run_stage` does everything else, the same way for every
    it to the remote, records an MLflow run with the resolved config, counts and dataset;
 5. writes stage.json last and renames the finished directory into place in one step.
 
+What it records never holds a credential: URIs in the tables (`source_uri`, `detail`, ...),
+in stage.json (the config's `tracking.uri`, the sources) and in MLflow are redacted
+(vidops.tracking.redact), the same way everywhere, so records still join on `source_uri`.
+
 An output directory without a complete stage.json is never trusted (`load_output` refuses it).
 """
 
@@ -43,6 +47,7 @@ from vidops.data.manifest import REJECTED_COLUMNS, Reason, read_table, write_tab
 from vidops.media.files import pid_alive
 from vidops.tracking import dvc as dvc_tracking
 from vidops.tracking import mlflow_runs
+from vidops.tracking.redact import redact_frame, redact_obj
 from vidops.tracking.workdir import Workdir, code_version
 
 log = logging.getLogger(__name__)
@@ -275,8 +280,9 @@ def record_gate_failure(workdir: Workdir, stage: str, message: str, details: dic
                         parent_run_id: str | None, mlflow_run_id: str | None = None) -> None:
     """Leave a note in the workdir, so whoever runs the pipeline (possibly in another process)
     can tell a refused gate (exit 1) from a crash: a data gate, or the registry's."""
-    record = {"stage": stage, "message": message, **details, "mlflow_run_id": mlflow_run_id,
-              "parent_run_id": parent_run_id, "at": datetime.now(timezone.utc).isoformat()}
+    record = redact_obj({"stage": stage, "message": message, **details,
+                         "mlflow_run_id": mlflow_run_id, "parent_run_id": parent_run_id,
+                         "at": datetime.now(timezone.utc).isoformat()})
     folder = workdir.root / GATE_FAILURES
     folder.mkdir(exist_ok=True)
     name = f"{stage}-{mlflow_run_id or uuid.uuid4().hex[:12]}.json"
@@ -327,6 +333,9 @@ def run_stage(
                                quiet)
             with ctx.timed("body"):
                 outcome = body(ctx)
+            # Before anything is written, validated or hashed: the recorded form of a URI.
+            outcome.kept = redact_frame(outcome.kept)
+            outcome.rejected = redact_frame(outcome.rejected)
             counts = _check_accounting(name, outcome)
             by_reason = counts["by_reason"]
 
@@ -366,6 +375,7 @@ def run_stage(
                            "parent_run_id": parent_run_id or None},
                 **outcome.extra,
             }
+            info = redact_obj(info)
             (tmp / STAGE_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n",
                                           encoding="utf-8")
 

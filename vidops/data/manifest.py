@@ -22,6 +22,12 @@ class Reason(str, Enum):
     NO_CAPTION = "no_caption"
     # vidops' own: an input path that points outside the source it was listed in.
     PATH_ESCAPE = "path_escape"
+    # A manifest entry whose URI scheme is not in ingest.allowed_schemes: never read.
+    UNSUPPORTED_SCHEME = "unsupported_scheme"
+    # Over one of ingest.limits (bytes, frame size, frame count): never decoded.
+    TOO_LARGE = "too_large"
+    # A readable media file without a video stream (audio only).
+    NO_VIDEO = "no_video"
 
 
 REJECTED_COLUMNS = ["id", "source_uri", "source_sha256", "reason", "detail"]

@@ -36,6 +36,12 @@ Clips are the scenes, split into pieces of at most `max_clip_s`. A piece shorter
 written normalised: H.264 (x264 with `preset` and `crf`, one thread) in MP4 at `out_fps`,
 short side scaled to `out_short_side` (never upscaled) with the aspect ratio kept and both
 sides even, no audio.
+
+A display rotation (the display matrix phones write instead of turning the pixels) is
+honoured: frames are scaled in their stored orientation and then turned by quarter turns, so
+a portrait phone video gives portrait clips and metrics, hashes and cuts see what a player
+shows. A stream whose frame size changes part-way (concatenated segments) cannot be
+normalised to one size without distorting a part of it: `UnsupportedVideo`.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ from av.video.frame import PictureType
 from av.video.reformatter import Interpolation, VideoReformatter
 from scenedetect import ContentDetector, FrameTimecode
 
+from vidops.media.probe import display_rotation
+
 try:  # PySceneDetect >= 0.7: the flash filter takes FrameTimecodes
     from scenedetect.detector import FlashFilter
 
@@ -72,6 +80,7 @@ __all__ = [
     "AnalysisError",
     "AnalysisSettings",
     "ClipResult",
+    "UnsupportedVideo",
     "VideoAnalysis",
     "analyse_video",
     "motion_score",
@@ -97,6 +106,14 @@ _BATCH = 32
 
 class AnalysisError(Exception):
     """The video cannot be decoded through; the message is the decoder's own words."""
+
+    reason = "unreadable"
+
+
+class UnsupportedVideo(AnalysisError):
+    """The video decodes but cannot be normalised (its frame size changes part-way)."""
+
+    reason = "unsupported"
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,9 @@ class AnalysisSettings:
     out_short_side: int
     crf: int
     preset: str
+    # The decoder refuses frames of more pixels than this (FFmpeg's max_pixels; 0: its own
+    # limit). Ingest has already rejected files that declare more (ingest.limits.max_pixels).
+    max_pixels: int = 0
 
     def __post_init__(self) -> None:
         if self.analysis_short_side < 8:
@@ -298,6 +318,14 @@ def _scaled_size(width: int, height: int, short_side: int, *, upscale: bool) -> 
     if scale > 1 and not upscale:
         scale = 1.0
     return _even(width * scale), _even(height * scale)
+
+
+def _turn(frame: av.VideoFrame, turns: int) -> av.VideoFrame:
+    """A yuv420p frame (even sides) turned counter-clockwise by `turns` quarter turns."""
+    planes = [np.rot90(plane, turns) for plane in _planes(frame)]
+    height, width = planes[0].shape
+    flat = np.concatenate([plane.ravel() for plane in planes])
+    return av.VideoFrame.from_ndarray(flat.reshape(height * 3 // 2, width), format="yuv420p")
 
 
 def _planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -633,6 +661,23 @@ class _Pass:
             container.mux(stream.encode(None))
 
 
+class _Scaler:
+    """swscale to a yuv420p size given in display orientation, then `turns` quarter turns
+    counter-clockwise (the scaling happens in the stored orientation)."""
+
+    def __init__(self, turns: int) -> None:
+        self.turns = turns % 4
+        self.reformatter = VideoReformatter()
+
+    def reformat(self, frame: av.VideoFrame, width: int, height: int, fmt: str, *,
+                 interpolation: Interpolation, threads: int) -> av.VideoFrame:
+        if self.turns % 2:
+            width, height = height, width
+        scaled = self.reformatter.reformat(frame, width, height, fmt,
+                                           interpolation=interpolation, threads=threads)
+        return _turn(scaled, self.turns) if self.turns else scaled
+
+
 # ------------------------------------------------------------------------------------------
 # The pass
 
@@ -680,7 +725,8 @@ def _prepare(stream: av.VideoStream, out_dir: Path, name: str, s: AnalysisSettin
         raise AnalysisError(f"video stream has no frame size (codec {ctx.name})")
     stream.thread_type = "NONE"
     ctx.thread_count = 1
-    ctx.options = {"err_detect": "explode"}
+    ctx.options = {"err_detect": "explode",
+                   **({"max_pixels": str(s.max_pixels)} if s.max_pixels else {})}
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 25.0
     width, height = int(ctx.width), int(ctx.height)
@@ -708,10 +754,19 @@ def _decode(container: av.container.InputContainer, stream: av.VideoStream, run:
     the source is slower). That needs the next frame's time, so frames are handed on one
     frame late."""
     s = run.s
+    frames = container.decode(stream)
+    first = next(frames, None)
+    if first is None:
+        raise AnalysisError("the video stream yields no decodable frame")
+    # Display rotation: frames are scaled in their stored orientation, then turned.
+    turns = display_rotation(first) // 90
+    if turns % 2:
+        run.out_w, run.out_h, run.an_w, run.an_h = run.out_h, run.out_w, run.an_h, run.an_w
     out_w, out_h, an_w, an_h = run.out_w, run.out_h, run.an_w, run.an_h
+    size = (first.width, first.height)
     fps = run.fps
-    to_output = VideoReformatter()
-    to_analysis = VideoReformatter()
+    to_output = _Scaler(turns)
+    to_analysis = _Scaler(turns)
     # Metrics are taken from the output frames, unless those are smaller than the analysis.
     from_output = out_w >= an_w and out_h >= an_h
     area = Interpolation.AREA
@@ -737,7 +792,11 @@ def _decode(container: av.container.InputContainer, stream: av.VideoStream, run:
             run.feed(batch)
             batch.clear()
 
-    for index, frame in enumerate(container.decode(stream)):
+    for index, frame in enumerate(itertools.chain([first], frames)):
+        if (frame.width, frame.height) != size:
+            raise UnsupportedVideo(
+                f"frame size changes from {size[0]}x{size[1]} to {frame.width}x{frame.height} "
+                f"at frame {index}: one video is normalised at one size")
         run.frames_decoded = index + 1
         t = frame.time
         if t0 is None:

@@ -197,6 +197,9 @@ def annotate_body(ctx: StageContext, captioner: Captioner | None = None) -> Stag
                                    "reason": reason.value, "detail": detail}))
 
     ingest_captions = [clean_caption(text, max_chars) for text in manifest["caption"]]
+    # Captions from ingest cut here to annotate.max_caption_chars: counted in stage.json.
+    cut_captions = sum(1 for text, cut in zip(manifest["caption"], ingest_captions, strict=True)
+                       if cut is not None and len(str(text).strip()) > max_chars)
     jobs: list[tuple[int, ClipJob]] = []
     seen: set[str] = set()
     for index, row in manifest.iterrows():
@@ -315,6 +318,8 @@ def annotate_body(ctx: StageContext, captioner: Captioner | None = None) -> Stag
             "captions_by_model": dict(sorted(models.items())),
             "clips_with_faces": int((kept["face_count"] > 0).sum()),
             "clips_face_blurred": int(kept["faces_blurred"].sum()),
+            "ingest_captions_truncated": {"count": cut_captions,
+                                          "max_caption_chars": max_chars},
         }},
     )
 

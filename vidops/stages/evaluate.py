@@ -49,6 +49,7 @@ from vidops.models.sampling import generate, save_video
 from vidops.models.vae import read_clip, resolve_device
 from vidops.stage import StageError, load_output
 from vidops.tracking import mlflow_runs
+from vidops.tracking.redact import redact_obj, redact_uri
 from vidops.tracking.registry import REGISTRATION_JSON
 from vidops.tracking.workdir import Workdir, code_version
 
@@ -140,7 +141,8 @@ def evaluate(
     experiment_id = mlflow_runs.ensure_experiment(cfg.tracking.experiments.training, workdir)
     with mlflow.start_run(experiment_id=experiment_id, run_name="evaluate",
                           parent_run_id=parent_run_id or None,
-                          tags={"vidops.stage": "evaluate", "vidops.model": str(model_ref)},
+                          tags={"vidops.stage": "evaluate",
+                                "vidops.model": redact_uri(str(model_ref))},
                           log_system_metrics=False) as run:
         mlflow_runs.log_params(cfg)
         videos, rows = _generate_all(model, cases, settings, ev.batch_size, out_dir, quiet)
@@ -168,7 +170,7 @@ def evaluate(
         result["headline"] = headline(result)
         result["metric_info"] = {name: vars(info) for name, info in
                                  {**vm.VIDEO_METRICS, **HEADLINE_INFO}.items()}
-        result = _plain(result)
+        result = redact_obj(_plain(result))
         (out_dir / METRICS_JSON).write_text(json.dumps(result, indent=2, allow_nan=False)
                                             + "\n")
         write_report(out_dir, result, _comparisons(cfg, workdir, compare, result))

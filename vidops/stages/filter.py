@@ -49,6 +49,7 @@ def analysis_settings(cfg: Config) -> AnalysisSettings:
         blurry_threshold=f.blurry_threshold, static_threshold=f.static_threshold,
         out_fps=f.normalise.fps, out_short_side=f.normalise.short_side,
         crf=f.normalise.crf, preset=f.normalise.preset,
+        max_pixels=cfg.ingest.limits.max_pixels,
     )
 
 
@@ -208,8 +209,9 @@ def filter_body(ctx: StageContext, shard: set[str] | None = None) -> StageOutcom
     for row, result in zip(analysed, results, strict=True):
         source = {"source_sha256": row.source_sha256, "source_uri": row.source_uri}
         if isinstance(result, AnalysisError):
+            # unreadable (decoding failed part-way), unsupported (frame size changes)
             rejected.append({"id": row.source_sha256, **source,
-                             "reason": Reason.UNREADABLE.value, "detail": str(result)})
+                             "reason": Reason(result.reason).value, "detail": str(result)})
             continue
         cut_points[row.source_sha256] = list(result.cuts)
         if not result.clips:

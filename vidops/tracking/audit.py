@@ -34,6 +34,7 @@ from vidops.config import Config
 from vidops.stage import MANIFEST, REJECTED, STAGE_JSON, StageError
 from vidops.tracking import mlflow_runs
 from vidops.tracking.dvc import remote_url
+from vidops.tracking.redact import redact_obj, redact_uri
 from vidops.tracking.workdir import Workdir, code_version
 
 LINEAGE_JSON, LINEAGE_HTML = "lineage.json", "lineage.html"
@@ -271,7 +272,7 @@ def model_lineage(model_ref: str | Path, *, cfg: Config, workdir: Workdir,
             "ingested": ingested, "complete": len(sources) == ingested},
         "verification": verify_lineage(remote, datasets, sources) if verify else None,
     }
-    return lineage
+    return redact_obj(lineage)
 
 
 def _sources(datasets: list[dict[str, Any]], tables: dict[str, Any],
@@ -389,6 +390,9 @@ def write_lineage(out_dir: Path, lineage: dict[str, Any]) -> tuple[Path, Path]:
     from vidops.tracking.lineage_html import write_lineage_html
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The records are redacted already; what this run adds (the model reference, the
+    # remote's URL, a verification path) is redacted the same way.
+    lineage = redact_obj(lineage)
     path = out_dir / LINEAGE_JSON
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(lineage, indent=2, default=str) + "\n", encoding="utf-8")
@@ -436,12 +440,15 @@ def _held_out(client: MlflowClient, version: Any) -> set[str]:
 
 def source_usage(source: str, *, cfg: Config, workdir: Workdir) -> dict[str, Any]:
     """Every dataset version, clip and registered model version with content from `source`
-    (a sha256 or a URI), across the MLflow store and the DVC remote."""
+    (a sha256 or a URI), across the MLflow store and the DVC remote. A URI is matched in
+    the redacted form the stages recorded it in (credentials masked: the same presigned URL
+    matches with any signature), and reported so."""
     mlflow_runs.configure(cfg, workdir)
     client = MlflowClient()
     remote = DvcRemote(remote_url(workdir, cfg.dvc.remote))
     is_sha = len(source) == 64 and all(c in "0123456789abcdef" for c in source.lower())
     column = "source_sha256" if is_sha else "source_uri"
+    source = source if is_sha else redact_uri(source)
     wanted = source.lower() if is_sha else source
 
     datasets, shas = [], set()

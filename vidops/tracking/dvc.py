@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from vidops.tracking.redact import redact_text
 from vidops.tracking.workdir import Workdir
 
 REMOTE_NAME = "vidops"
@@ -49,7 +50,9 @@ def _dvc(workdir: Workdir, *args: str) -> str:
         cwd=workdir.root, capture_output=True, text=True,
     )
     if proc.returncode != 0:
-        raise DvcError(f"dvc {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()}")
+        # DVC names its remote (and the paths it read) in its errors: recorded redacted.
+        raise DvcError(redact_text(f"dvc {' '.join(args)} failed: "
+                                   f"{(proc.stderr or proc.stdout).strip()}"))
     return proc.stdout
 
 

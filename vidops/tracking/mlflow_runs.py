@@ -3,33 +3,52 @@ a nested run per stage. The default store is SQLite inside the workdir."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.abstract_context import RunContextProvider
+from mlflow.tracking.context.registry import _run_context_provider_registry as _providers
+from mlflow.utils.mlflow_tags import MLFLOW_USER
 
 from vidops.config import Config
+from vidops.tracking.redact import redact_obj, redact_uri
 from vidops.tracking.workdir import Workdir
 
 # MLflow's params are capped in length; longer values are truncated with a marker.
 _PARAM_MAX = 6000
 
 
+class _RunUser(RunContextProvider):
+    """MLflow takes MLFLOW_TRACKING_USERNAME, a credential (from the vidops-mlflow Secret on
+    a cluster), for the `mlflow.user` of every run and logged model it creates; vidops has it
+    record the OS user instead, as MLflow does when no credential is set. Registered after
+    MLflow's own providers, so its tag is the one kept."""
+
+    def in_context(self) -> bool:
+        return True
+
+    def tags(self) -> dict[str, str]:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = "unknown"
+        return {MLFLOW_USER: user}
+
+
+if not any(isinstance(p, _RunUser) for p in getattr(_providers, "_registry", [])):
+    _providers.register(_RunUser)
+
+
 def redact(uri: str) -> str:
     """A URI without credentials (a Postgres password, say), fit for stage.json and logs."""
-    parts = urlsplit(uri)
-    if parts.password or parts.username:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return uri
+    return redact_uri(uri)
 
 
 def tracking_uri(cfg: Config, workdir: Workdir) -> str:
@@ -100,10 +119,12 @@ def stage_run(
 
 
 def log_params(cfg: Config) -> None:
-    """The resolved configuration as params of the active run (long values truncated)."""
+    """The resolved configuration as params of the active run (long values truncated),
+    credentials inside URI-valued settings redacted (vidops.tracking.redact)."""
+    flat = {key: redact_obj(value) for key, value in cfg.flat().items()}
     mlflow.log_params({
         key: (str(value)[: _PARAM_MAX - 3] + "...") if len(str(value)) > _PARAM_MAX else value
-        for key, value in cfg.flat().items()
+        for key, value in flat.items()
     })
 
 
@@ -115,7 +136,8 @@ def log_dataset(
     with warnings.catch_warnings():
         # MLflow hints about integer columns and ambiguous source types; neither applies.
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(manifest, source=source, name=name, digest=digest)
+        dataset = mlflow.data.from_pandas(manifest, source=redact_uri(source), name=name,
+                                          digest=digest)
         mlflow.log_input(dataset, context=context)
 
 

@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from vidops.config import Config
 from vidops.stage import GateError, StageError, record_gate_failure
 from vidops.tracking import mlflow_runs
+from vidops.tracking.redact import redact_obj
 from vidops.tracking.workdir import Workdir, code_version
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -267,7 +268,7 @@ def register(
                  str(evaluation.get("mlflow_run_id")), "vidops.register_run_id": run.info.run_id,
                  "vidops.gates": json.dumps([asdict(g) for g in gates]),
                  "vidops.gates_passed": str(passed)}
-        for key, value in tags.items():
+        for key, value in redact_obj(tags).items():
             client.set_model_version_tag(name, version, key, value)
         client.set_registered_model_alias(name, CHALLENGER, version)
 

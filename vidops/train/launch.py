@@ -38,6 +38,11 @@ def launch_training(stage: str, cli_args: list[str], out_dir: Path, cfg: Config,
     gpus = cfg.resources.for_stage(stage).gpus
     if nodes <= 1 and gpus <= 1:
         return run_here()
+    from vidops.tracking.redact import refuse_inline_credentials
+
+    # The file lies in the model folder (logged to MLflow, registered): credentials reach the
+    # ranks and pods from the environment (Secrets), never inside it.
+    refuse_inline_credentials(cfg.to_dict(), where=f"the {stage} job's {JOB_CONFIG}")
     out_dir.mkdir(parents=True, exist_ok=True)
     config_file = out_dir / JOB_CONFIG
     config_file.write_text(cfg.to_json() + "\n", encoding="utf-8")
