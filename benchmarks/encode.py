@@ -45,9 +45,9 @@ start = time.perf_counter()
 info = run_encode(Path(src), Path(out), cfg=load_config(profile, overrides),
                   workdir=Workdir.at(work), quiet=True)
 print(json.dumps({"wall_s": time.perf_counter() - start,
-                  "encoded": info["encoding"]["encoded"],
-                  "cache_hits": info["encoding"]["cache_hits"],
-                  "vae_path": info["encoding"]["vae"]["path"],
+                  "encoded": info["run"]["encoded"],
+                  "cache_hits": info["run"]["cache_hits"],
+                  "vae_path": info["run"]["vae"].get("path") or info["encoding"]["vae"].get("path"),
                   "psnr": info["encoding"]["vae"].get("psnr_holdout_db"),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

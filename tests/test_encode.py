@@ -57,7 +57,7 @@ def test_every_clip_gets_latents_of_the_configured_shape(encoded: tuple) -> None
     assert enc["latent_shape"] == [channels, (9 - 1) // ratio_t + 1, 32 // ratio_s,
                                    32 // ratio_s]
     assert info["counts"]["kept"] == 3 and info["counts"]["by_reason"] == {"too_short": 1}
-    assert enc["encoded"] == 3 and enc["cache_hits"] == 0
+    assert info["run"]["encoded"] == 3 and info["run"]["cache_hits"] == 0
     # The bootstrapped VAE: trained here, versioned with the latents, PSNR on held-out clips.
     assert enc["vae"]["source"] == "bootstrap" and enc["vae"]["holdout_clips"] == 1
     assert isinstance(enc["vae"]["psnr_holdout_db"], float)
@@ -82,18 +82,21 @@ def test_rerun_hits_the_cache_and_one_new_clip_encodes_one(encoded: tuple) -> No
     curated = _curated(workdir, SPECS, name="curated-again")  # same content, new folder
     again = run_encode(curated, workdir.stage_dir("encode-again"), cfg=_cfg(), workdir=workdir,
                        quiet=True)
-    assert again["encoding"]["encoded"] == 0 and again["encoding"]["cache_hits"] == 3
-    assert again["encoding"]["vae"]["reused"] is True
+    assert again["run"]["encoded"] == 0 and again["run"]["cache_hits"] == 3
+    assert again["run"]["vae"]["reused"] is True
+    # The same data, however this run came by it: the same dataset version. (A rerun after
+    # a crash depends on it: training resumes only on the data it started on.)
+    assert again["dvc"]["md5"] == first["dvc"]["md5"]
     a, b = (LatentDataset(Path(i["output"]["dir"])) for i in (first, again))
     assert all(torch.equal(a[i]["latents"], b[i]["latents"]) for i in range(len(a)))
 
     grown = _curated(workdir, [*SPECS, ("c4", 4, 24)], name="curated-grown")
     # A new clip changes the bootstrap's training set: pin the VAE to the first one, as a
     # user does with models.vae.path, to see the cache serve the old clips.
-    vae = first["encoding"]["vae"]["path"]
+    vae = first["run"]["vae"]["path"]
     plus = run_encode(grown, workdir.stage_dir("encode-grown"), workdir=workdir, quiet=True,
                       cfg=_cfg(f"models.vae.path={vae}"))
-    assert plus["encoding"]["encoded"] == 1 and plus["encoding"]["cache_hits"] == 3
+    assert plus["run"]["encoded"] == 1 and plus["run"]["cache_hits"] == 3
     assert plus["encoding"]["vae"]["digest"] == first["encoding"]["vae"]["digest"]
 
 
@@ -101,7 +104,7 @@ def test_another_vae_reencodes_everything(encoded: tuple) -> None:
     workdir, curated, _ = encoded
     other = run_encode(curated, workdir.stage_dir("encode-other"), workdir=workdir, quiet=True,
                        cfg=_cfg("models.vae.bootstrap.steps=5"))
-    assert other["encoding"]["encoded"] == 3 and other["encoding"]["cache_hits"] == 0
+    assert other["run"]["encoded"] == 3 and other["run"]["cache_hits"] == 0
 
 
 def test_sharded_encode_merges_into_the_same_dataset(encoded: tuple) -> None:

@@ -332,11 +332,18 @@ def bootstrap_vae(
                              psnr_after=psnr_after, losses=losses, steps=boot.steps,
                              seconds=seconds, train_clips=len(train), holdout_clips=len(holdout))
     # Not asdict(): it would deep-copy the model only to drop it.
+    # The folder travels into datasets and models, whose versions are content digests: what
+    # varies from run to run (the time it took) stays beside it, not in it.
     record = {f.name: getattr(result, f.name) for f in fields(result)
-              if f.name not in ("vae", "path", "key", "reused")}
+              if f.name not in ("vae", "path", "key", "reused", "seconds")}
     record["settings"] = cfg.models.vae.bootstrap.model_dump()
     (out_dir / BOOTSTRAP_JSON).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    _timing_file(out_dir).write_text(json.dumps({"seconds": seconds}), encoding="utf-8")
     return result
+
+
+def _timing_file(vae_dir: Path) -> Path:
+    return vae_dir.with_name(f"{vae_dir.name}.timing.json")
 
 
 def _reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, foreground_weight: float
@@ -436,5 +443,13 @@ def load_or_bootstrap_vae(
     return BootstrapResult(
         vae=load_vae(target), path=target, psnr_before=record["psnr_before"],
         psnr_after=record["psnr_after"], losses=record["losses"], steps=record["steps"],
-        seconds=record["seconds"], train_clips=record["train_clips"],
+        seconds=_recorded_seconds(target, record), train_clips=record["train_clips"],
         holdout_clips=record["holdout_clips"], key=key, reused=True)
+
+
+def _recorded_seconds(vae_dir: Path, record: dict[str, Any]) -> float:
+    """How long the bootstrap took (a folder from before the timing moved out says inside)."""
+    timing = _timing_file(vae_dir)
+    if timing.is_file():
+        return float(json.loads(timing.read_text(encoding="utf-8"))["seconds"])
+    return float(record.get("seconds", 0.0))

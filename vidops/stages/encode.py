@@ -94,13 +94,15 @@ def _prepare_vae(ctx: StageContext, clips: pd.DataFrame, in_dir: Path) -> tuple[
         mlflow.log_artifacts(str(result.path), artifact_path="vae")
     mlflow.log_metrics(result.metrics())
     link_tree(result.path, ctx.out_dir / VAE_DIR)
+    # What identifies the VAE goes into the dataset; where it lies in this workdir, whether
+    # this run trained or reused it and how long that took are run facts (stage.json).
     return result.vae, {
-        "source": "bootstrap", "path": str(result.path), "key": result.key,
-        "reused": result.reused, "train_clips": result.train_clips,
+        "source": "bootstrap", "key": result.key, "train_clips": result.train_clips,
         "holdout_clips": result.holdout_clips, "steps": result.steps,
         "psnr_holdout_before_db": round(result.psnr_before, 3),
         "psnr_holdout_db": round(result.psnr_after, 3),
-        "train_seconds": round(result.seconds, 3),
+        "run": {"path": str(result.path), "reused": result.reused,
+                "train_seconds": round(result.seconds, 3)},
     }
 
 
@@ -149,9 +151,12 @@ def encode_body(ctx: StageContext, shard_file: Path | None = None) -> StageOutco
                     batch.append(i)
                 except ValueError as exc:
                     reason = (Reason.TOO_SHORT if "frames" in str(exc) else Reason.UNREADABLE)
+                    # The clip named by its path in the dataset, not on this disk: the
+                    # dataset's version must not depend on where its input folder lies.
+                    detail = str(exc).replace(str(in_dir / row.path), str(row.path))
                     rejected.append({"id": row.clip_id, "source_uri": row.source_uri,
                                      "source_sha256": row.source_sha256,
-                                     "reason": reason.value, "detail": str(exc)})
+                                     "reason": reason.value, "detail": detail})
             if batch:
                 with torch.no_grad():
                     posterior = vae.encode(torch.stack(videos).to(device)).latent_dist
@@ -181,16 +186,21 @@ def encode_body(ctx: StageContext, shard_file: Path | None = None) -> StageOutco
     encoded = len(todo) - len(rejected)
     mlflow.log_metrics({"encoded": encoded, "cache_hits": len(hits)})
     mlflow.set_tags({"vidops.vae": vae_id, "vidops.text_encoder": text.identity})
-    info = {"encoded": encoded, "cache_hits": len(hits), "latent_shape": latent_shape,
-            "params": params, "vae": {**vae_info, "digest": vae_id, "scaling_factor": scaling,
-                                      "spatial_ratio": spatial_ratio(vae),
-                                      "temporal_ratio": temporal_ratio(vae)},
+    vae_run = vae_info.pop("run", {})
+    # encoding.json is part of the dataset, so of its DVC version: only what the latents
+    # depend on. How this run got them (encoded or cache hits, the VAE trained or reused)
+    # is in stage.json: a rerun after a crash must give the same version.
+    info = {"latent_shape": latent_shape, "params": params,
+            "vae": {**vae_info, "digest": vae_id, "scaling_factor": scaling,
+                    "spatial_ratio": spatial_ratio(vae), "temporal_ratio": temporal_ratio(vae)},
             "text_encoder": {"identity": text.identity, "dim": text.dim,
                              "max_length": text.max_length}}
     (ctx.out_dir / ENCODING_JSON).write_text(json.dumps(info, indent=2) + "\n")
     return StageOutcome(
         input_count=len(clips), kept=kept, rejected=rejected_frame(rejected),
-        input_digest=digest_of(sorted(keys)), extra={"encoding": info},
+        input_digest=digest_of(sorted(keys)),
+        extra={"encoding": info, "run": {"encoded": encoded, "cache_hits": len(hits),
+                                         "vae": vae_run}},
     )
 
 
