@@ -175,6 +175,15 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(
     ema = [(d / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
            for d in (whole, killed)]
     assert ema[0] == ema[1]  # and the saved EMA weights too
+    assert a["losses"] == b["losses"]  # the whole curve, carried in the checkpoint
+
+    # Re-run once more: resumed from its last checkpoint with nothing left to train (a crash
+    # after training, as a pipeline re-run meets it), it reports the same curve and loss.
+    done = _cli(workdir, "pretrain", "--data", str(data), "--out", str(killed))
+    assert done.returncode == 0, done.stderr[-3000:]
+    c = json.loads((killed / TRAINING_JSON).read_text())
+    assert c["resumed_from"] == 12 and c["weights_digest"] == a["weights_digest"]
+    assert c["losses"] == a["losses"] and c["final_loss"] == a["final_loss"]
 
     # Asking to resume a run whose settings changed is refused, not silently mixed.
     changed = _cli(workdir, "pretrain", "--data", str(data), "--out", str(killed), "--resume",

@@ -274,6 +274,9 @@ class Trainer:
                      "micro_batches_done": step * self.cfg.grad_accumulation,
                      "micro_per_epoch": self.micro_per_epoch},
             "settings_digest": self.settings_digest,
+            # The loss curve so far: a run resumed from here (even from the last step, with
+            # nothing left to train) reports the same curve and final loss as an unbroken one.
+            "losses": [list(point) for point in self._loss_log],
         }
 
     def _save(self, step: int) -> Path | None:
@@ -328,6 +331,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         ckpt.set_rng_state(state["rng"][self.dist.rank])
+        self._loss_log = [(int(n), float(v)) for n, v in state.get("losses", [])]
         log.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"])
 
@@ -344,9 +348,11 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, dist = self.cfg, self.dist
+        self._loss_log: list[tuple[int, float]] = []
         resumed = self._restore()
         start = resumed or 0
-        result = TrainResult(steps=cfg.steps, resumed_from=resumed, seconds=0.0)
+        result = TrainResult(steps=cfg.steps, resumed_from=resumed, seconds=0.0,
+                             losses=self._loss_log)
         network = self.engine or self.ddp or self.model
         scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda"
                                       and cfg.mixed_precision == "fp16")
