@@ -38,7 +38,8 @@ pytestmark = pytest.mark.reliability
 # Peak private memory (USS) any worker process of the run may reach. A decoded 15360x8640
 # frame is ~200 MB (yuv420p) and ~400 MB more as RGB: decoding the 16K file would pass this.
 # Private, not resident: a worker forked from a big parent (a whole test session) maps the
-# parent's pages, which its resident size counts but it did not allocate.
+# parent's pages, which its resident size counts but it did not allocate. Children of this
+# test process are measured, stage workers and DVC/ffmpeg subprocesses alike.
 PEAK_BOUND_MB = 500
 # The probe of the huge files alone, in a fresh interpreter (PyAV and numpy loaded: ~100 MB).
 PROBE_BOUND_MB = 250
@@ -69,20 +70,32 @@ class _ChildPeaks:
 
     def __init__(self, interval: float = 0.02) -> None:
         self.interval, self.peaks = interval, {}
+        self.commands: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
+        my_cmdline = me.cmdline()
         while not self._stop.is_set():
             try:
                 children = me.children(recursive=True)
             except psutil.Error:
                 children = []
             for child in children:
+                try:
+                    cmdline = child.cmdline()
+                except psutil.Error:
+                    continue
+                # A child caught between fork and exec (a DVC or ffmpeg subprocess a moment
+                # old) still runs in this process's memory, all of which would count as its
+                # own: it is measured once it is the program it was started to be.
+                if cmdline == my_cmdline:
+                    continue
                 peak = _private_mb(child.pid)
-                if peak is not None:
-                    self.peaks[child.pid] = max(self.peaks.get(child.pid, 0.0), peak)
+                if peak is not None and peak > self.peaks.get(child.pid, 0.0):
+                    self.peaks[child.pid] = peak
+                    self.commands[child.pid] = " ".join(cmdline)[:120]
             self._stop.wait(self.interval)
 
     def __enter__(self) -> _ChildPeaks:
@@ -121,6 +134,8 @@ def run(tmp_path_factory) -> dict:
         "stages_s": round(t_all, 2),
         "worker_processes_seen": len(peaks.peaks),
         "peak_worker_mb": round(max(peaks.peaks.values(), default=0.0), 1),
+        "peak_worker_command": max(peaks.commands.items(), key=lambda kv: peaks.peaks[kv[0]],
+                                   default=(0, ""))[1],
         "peak_self_mb": round(self_after or 0.0, 1),
         "peak_self_delta_mb": round((self_after or 0.0) - (self_before or 0.0), 1),
     }
