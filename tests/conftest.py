@@ -17,6 +17,15 @@ from vidops.tracking.workdir import Workdir
 
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
+# Under pytest-xdist (`make test` runs the suite on several workers) the cores are shared:
+# each worker and every process it starts (kfp.local tasks, torchrun ranks, stage workers)
+# gets its share of threads, rather than each assuming the whole machine.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(variable, threads)
+    torch.set_num_threads(int(threads))
+
 
 @pytest.fixture
 def cfg() -> Config:

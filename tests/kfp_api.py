@@ -5,14 +5,14 @@ create runs, recurring runs and read them back: enough to check what `vidops sub
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from .local_http import LocalHttpServer, QuietHandler
 
-class KfpApi:
+
+class KfpApi(LocalHttpServer):
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.experiments: dict[str, dict[str, Any]] = {}
@@ -20,10 +20,7 @@ class KfpApi:
         self.recurring: dict[str, dict[str, Any]] = {}
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def _reply(self, status: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
@@ -73,14 +70,4 @@ class KfpApi:
                     return self._reply(200, job)
                 return self._reply(404, {"error": f"no {path}"})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> KfpApi:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)

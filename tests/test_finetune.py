@@ -23,6 +23,7 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransf
 from safetensors.torch import load_file
 
 from tests.conftest import make_curated, make_pretrained
+from vidops import faults
 from vidops.config import Config, ConfigError, load_config
 from vidops.models.folder import (
     apply_lora,
@@ -38,7 +39,6 @@ from vidops.stages.encode import run_encode
 from vidops.stages.finetune import finetune
 from vidops.stages.training import encoded_dataset
 from vidops.tracking.workdir import Workdir
-from vidops.train.loop import FAULT_KILL_ENV
 
 OVERRIDES = ["models.vae.bootstrap.steps=4", "models.vae.bootstrap.holdout_clips=1",
              "train.holdout_fraction=0",
@@ -135,7 +135,7 @@ def test_lora_run_killed_and_resumed_ends_with_the_same_adapter(base: tuple, tmp
     finetune(data, base_dir, tmp_path / "a", cfg=_cfg(), workdir=workdir, method="lora",
              quiet=True)
     killed = subprocess.run([*args, "--out", str(tmp_path / "b")], capture_output=True,
-                            text=True, timeout=600, env={**os.environ, FAULT_KILL_ENV: "3"})
+                            text=True, timeout=600, env={**os.environ, faults.ENV: "train.step@3"})
     assert killed.returncode == -9
     resumed = subprocess.run([*args, "--out", str(tmp_path / "b")], capture_output=True,
                              text=True, timeout=600)

@@ -235,7 +235,8 @@ def test_defects_have_their_faults(defects) -> None:
 
     static = _decode(d / "static.mp4")
     assert static.shape == (72, 192, 256, 3)
-    assert _frame_diffs(static).max() < 0.5
+    # A held still image: consecutive frames differ by codec noise only, under a grey level.
+    assert _frame_diffs(static).max() < 1.0
 
     near = _decode(d / "near_duplicate.mp4")
     good_b = _decode(d / "good_b.mp4")

@@ -19,6 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import make_curated
+from vidops import faults
 from vidops.config import Config, load_config
 from vidops.data.latent_dataset import LatentDataset
 from vidops.models.folder import load_model_folder
@@ -28,7 +29,7 @@ from vidops.stages.encode import run_encode
 from vidops.stages.pretrain import TRAINING_JSON, pretrain
 from vidops.tracking.workdir import Workdir
 from vidops.train.distributed import DistInfo
-from vidops.train.loop import FAULT_KILL_ENV, Trainer, TrainError
+from vidops.train.loop import Trainer, TrainError
 
 # Pinned here rather than taken from the tiny profile, which is tuned for the demo: these
 # tests check the loop's behaviour on a 32x32 latent grid small enough for patch 2.
@@ -161,7 +162,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(
     assert _cli(workdir, "pretrain", "--data", str(data), "--out", str(whole)).returncode == 0
 
     first = _cli(workdir, "pretrain", "--data", str(data), "--out", str(killed),
-                 env={FAULT_KILL_ENV: "6"})
+                 env={faults.ENV: "train.step@6"})
     assert first.returncode == -9  # SIGKILL, after step 6: the last checkpoint is step 4
     assert not (killed / TRAINING_JSON).exists()
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-00000004"]

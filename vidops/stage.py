@@ -42,6 +42,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from vidops import faults
 from vidops.config import Config
 from vidops.data.manifest import REJECTED_COLUMNS, Reason, read_table, write_table
 from vidops.media.files import pid_alive
@@ -342,10 +343,12 @@ def run_stage(
             with ctx.timed("write"):
                 write_table(outcome.kept, tmp / MANIFEST)
                 write_table(outcome.rejected[REJECTED_COLUMNS], tmp / REJECTED)
+                faults.point(f"{name}.written")
             validation = _validate(suite or name, outcome.kept, cfg, gx_dir, counts, ctx)
             with ctx.timed("dvc"):
                 version = dvc_tracking.version_directory(workdir, tmp, dataset_name or out_dir.name,
                                                          cfg.dvc.remote)
+            faults.point(f"{name}.versioned")
             if validation is not None:
                 for produced in gx_dir.iterdir():
                     produced.rename(tmp / produced.name)
@@ -396,6 +399,7 @@ def run_stage(
                 if (tmp / artifact).exists():
                     mlflow_runs.log_file(tmp / artifact)
             _commit(tmp, out_dir)
+            faults.point(f"{name}.committed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

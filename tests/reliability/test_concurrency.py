@@ -80,3 +80,55 @@ def test_a_run_killed_by_sigkill_leaves_the_workdir_unlocked(tmp_path: Path) -> 
     _wait_for(successor, "released")
     successor.communicate(timeout=30)
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_two_vidops_runs_at_once_on_one_workdir_serialise_and_leave_the_stores_sound(
+        tmp_path: Path) -> None:
+    """The real thing: two `vidops run` of the tiny lifecycle started together on one workdir
+    (about ten minutes on two cores)."""
+    import json
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from .kill_rerun import _run_args, _vidops, write_corpus
+
+    corpus, work = tmp_path / "corpus", tmp_path / "work"
+    write_corpus(corpus)
+    command = _vidops(work, *_run_args(corpus))
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while f"pid {first.pid} " not in ((work / RUN_LOCK).read_text()
+                                      if (work / RUN_LOCK).is_file() else ""):
+        assert time.monotonic() < deadline and first.poll() is None, first.stderr
+        time.sleep(0.2)
+    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    _, first_err = first.communicate(timeout=1800)
+    _, second_err = second.communicate(timeout=1800)
+    assert first.returncode == 0, first_err[-3000:]
+    assert second.returncode == 0, second_err[-3000:]
+    assert f"is in use by another vidops run (pid {first.pid} on" in second_err
+
+    # The MLflow store is a sound database; the registry has one champion, which passed its
+    # gates; both runs trained on the same dataset versions (nothing interleaved).
+    with sqlite3.connect(work / "mlflow.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("vidgen", "champion")
+    assert champion.tags["vidops.gates_passed"] == "True"
+    versions = [client.get_model_version("vidgen", v.version)
+                for v in client.search_model_versions("name='vidgen'")]
+    assert sum("champion" in v.aliases for v in versions) == 1
+    by_kind: dict[str, set[str]] = {}
+    for version in versions:
+        datasets = json.loads(version.tags["vidops.datasets"])
+        by_kind.setdefault(version.tags.get("vidops.kind", ""), set()).add(
+            json.dumps(sorted(d["dvc_md5"] for d in datasets)))
+    assert len(versions) == 4 and all(len(md5s) == 1 for md5s in by_kind.values()), by_kind
+    # ... and every DVC object and source the champion's lineage names is there, unchanged.
+    verify = subprocess.run(_vidops(work, "lineage", "models:/vidgen@champion", "--verify",
+                                    "--out", str(tmp_path / "lineage")),
+                            capture_output=True, text=True, timeout=600)
+    assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]

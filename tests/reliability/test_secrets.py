@@ -17,9 +17,7 @@ import base64
 import csv
 import json
 import logging
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -28,6 +26,7 @@ import pandas as pd
 import pytest
 
 from tests.kfp_api import KfpApi
+from tests.local_http import LocalHttpServer, QuietHandler
 from vidops.cli import main
 from vidops.tracking.redact import (
     inline_credentials,
@@ -72,7 +71,7 @@ def _needles(secret: str) -> list[bytes]:
     return found
 
 
-class _Sources:
+class _Sources(LocalHttpServer):
     """A local HTTP server of video files that refuses any request without the credential:
     HTTP Basic auth (`http://user:PASSWORD@...`) or a presigned-style query
     (`?X-Amz-Credential=...&X-Amz-Signature=...`)."""
@@ -82,10 +81,7 @@ class _Sources:
         expected = "Basic " + base64.b64encode(f"{USER}:{password}".encode()).decode()
         sources = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def _authorised(self) -> bool:
                 query = parse_qs(urlsplit(self.path).query)
                 return (self.headers.get("Authorization") == expected
@@ -129,17 +125,7 @@ class _Sources:
             def do_GET(self) -> None:
                 self._serve(body=True)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> _Sources:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

@@ -66,6 +66,7 @@ from av.video.reformatter import Interpolation, VideoReformatter
 from scenedetect import ContentDetector, FrameTimecode
 
 from vidops.media.probe import display_rotation
+from vidops.media.video import x264_options
 
 try:  # PySceneDetect >= 0.7: the flash filter takes FrameTimecodes
     from scenedetect.detector import FlashFilter
@@ -645,9 +646,8 @@ class _Pass:
                      options={"fflags": "+bitexact"}) as container:
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height, stream.pix_fmt = self.out_w, self.out_h, "yuv420p"
-            # One encoder thread: parallelism is one process per video, and one thread keeps
-            # the bytes reproducible.
-            stream.options = {"crf": str(self.s.crf), "preset": self.s.preset, "threads": "1"}
+            # Reproducible bytes (one thread: parallelism is one process per video).
+            stream.options = x264_options(self.s.crf, self.s.preset)
             time_base = 1 / rate
             pts = 0
             for _, _, frame, slots in frames:

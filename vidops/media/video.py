@@ -15,6 +15,15 @@ _CODEC_BY_SUFFIX = {".mp4": "libx264", ".mov": "libx264", ".mkv": "libx264", ".w
                     ".avi": "mpeg4"}
 
 
+def x264_options(crf: int, preset: str) -> dict[str, str]:
+    """x264 settings under which the same frames always encode to the same bytes, so that a
+    re-run versions the same data (same DVC md5). One thread; and no macroblock-tree rate
+    control: with it (presets `superfast` and slower) identical input gave different bytes
+    from one process to the next (x264 in PyAV 18's wheels), which broke the cache of the
+    encode stage and the reproducibility of the sample corpora."""
+    return {"crf": str(crf), "preset": preset, "threads": "1", "x264-params": "mbtree=0"}
+
+
 def write_video(
     path: Path,
     frames: Iterable[np.ndarray],
@@ -44,7 +53,7 @@ def write_video(
                 # One encoder thread: multi-threaded encoders may emit different bytes.
                 options = {}
                 if codec == "libx264":
-                    options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+                    options = x264_options(crf, "medium")
                 elif codec.startswith("libvpx"):
                     options = {"crf": str(crf), "b": "0", "deadline": "good", "threads": "1"}
                 stream.options = options

@@ -41,6 +41,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from vidops import faults
 from vidops.annotation.captioners import Captioner, CaptionerError, load_captioner
 from vidops.annotation.clips import (
     KEYFRAME_ANNOTATOR,
@@ -149,6 +150,7 @@ def _run_jobs(ctx: StageContext, jobs: list[tuple[int, ClipJob]],
         for index, job in jobs:
             handle(index, annotate_clip(job))
             progress.update()
+            faults.point("annotate.item")
     else:
         # spawn: worker processes start clean, whatever threads or connections this one holds.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -162,10 +164,12 @@ def _run_jobs(ctx: StageContext, jobs: list[tuple[int, ClipJob]],
                         done, future = pending.popleft()
                         handle(done, future.result())
                         progress.update()
+                        faults.point("annotate.item")
                 while pending:
                     done, future = pending.popleft()
                     handle(done, future.result())
                     progress.update()
+                    faults.point("annotate.item")
             except BaseException:
                 # The stage fails as a whole: do not annotate the clips still queued.
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from vidops import faults
 from vidops.config import Config
 from vidops.data.latent_cache import (
     EMPTY_CAPTION,
@@ -168,6 +169,7 @@ def encode_body(ctx: StageContext, shard_file: Path | None = None) -> StageOutco
                         tensors["latents_logvar"] = posterior.logvar[j].cpu()
                     writer.add(keys[i], tensors)
             bar.update(len(todo[start:start + enc.batch_size]))
+            faults.point("encode.item")
         bar.close()
 
     with ctx.timed("export"):

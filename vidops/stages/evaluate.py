@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vidops import faults
 from vidops.config import Config, EvaluateConfig
 from vidops.data.samples import COLOURS, DIRECTIONS, FINETUNE_COLOURS, HOLDOUT, SHAPES, caption_for
 from vidops.evaluation import metrics as vm
@@ -132,7 +133,9 @@ def evaluate(
                 "prompt_set": ev.prompt_set, "fps": model.fps}
     cases = prompt_cases(ev)
     # An earlier evaluation in this folder (its samples, and what registering it did) is
-    # replaced, not mixed in.
+    # replaced, not mixed in; metrics.json, which makes the folder an evaluation that register
+    # accepts, goes first and comes back last, so an evaluation killed half-way is none.
+    (out_dir / METRICS_JSON).unlink(missing_ok=True)
     shutil.rmtree(out_dir / SAMPLES_DIR, ignore_errors=True)
     (out_dir / REGISTRATION_JSON).unlink(missing_ok=True)
     (out_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
@@ -171,9 +174,10 @@ def evaluate(
         result["metric_info"] = {name: vars(info) for name, info in
                                  {**vm.VIDEO_METRICS, **HEADLINE_INFO}.items()}
         result = redact_obj(_plain(result))
-        (out_dir / METRICS_JSON).write_text(json.dumps(result, indent=2, allow_nan=False)
-                                            + "\n")
         write_report(out_dir, result, _comparisons(cfg, workdir, compare, result))
+        partial = out_dir / f".{METRICS_JSON}.partial"
+        partial.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        partial.replace(out_dir / METRICS_JSON)
         mlflow.log_metrics({k: v for k, v in result["headline"].items() if _finite(v)})
         mlflow.log_metrics({f"{k}_mean": v["mean"] for k, v in result["metrics"].items()
                             if _finite(v["mean"])})
@@ -205,6 +209,7 @@ def _generate_all(model: LoadedModel, cases: list[EvalCase], settings: dict[str,
                          "metrics": vm.video_metrics(video), "adherence": None,
                          "clip_score": None})
         bar.update(len(batch))
+        faults.point("evaluate.item")
     bar.close()
     return videos, rows
 

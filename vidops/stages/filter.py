@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from vidops import faults
 from vidops.config import Config
 from vidops.data.manifest import FILTER_COLUMNS, Reason, rejected_frame
 from vidops.data.shards import read_shard
@@ -166,6 +167,7 @@ def _analyse_all(ctx: StageContext, jobs: list[tuple[str, Path]]
         except AnalysisError as exc:
             results.append(exc)
         progress.update()
+        faults.point("filter.item")
 
     if workers == 1:
         for name, path in jobs:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import pandas as pd
 from tqdm import tqdm
 
+from vidops import faults
 from vidops.config import Config
 from vidops.data.manifest import Reason, rejected_frame
 from vidops.data.sources import Discovery, SourceItem, discover, safe_text
@@ -75,6 +76,7 @@ def _probe_all(ctx: StageContext, items: list[SourceItem]) -> list[dict[str, Any
         for i, item in jobs:
             results[i] = copy_hash_probe(item.uri, incoming / str(i), cov, limits=limits)
             progress.update()
+            faults.point("ingest.item")
     else:
         # spawn: worker processes start clean, whatever threads or connections this one holds.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -84,6 +86,7 @@ def _probe_all(ctx: StageContext, items: list[SourceItem]) -> list[dict[str, Any
             for i, future in futures.items():
                 results[i] = future.result()
                 progress.update()
+                faults.point("ingest.item")
     progress.close()
     return results
 

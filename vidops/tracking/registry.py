@@ -31,6 +31,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vidops import faults
 from vidops.config import Config
 from vidops.stage import GateError, StageError, record_gate_failure
 from vidops.tracking import mlflow_runs
@@ -253,14 +254,14 @@ def register(
             signature=pyfunc.signature(model_dir, cfg.generate),
             input_example=pyfunc.input_example(cfg.train.sample_prompts[0]
                                                if cfg.train.sample_prompts else "a video"),
-            pip_requirements=pyfunc.requirements(), registered_model_name=name)
+            pip_requirements=pyfunc.requirements())
+        faults.point("register.logged")
         mlflow.log_artifact(str(metrics_file), artifact_path=EVALUATION)
         report = Path(eval_dir) / "report.html"
         if report.is_file():
             mlflow.log_artifact(str(report), artifact_path=EVALUATION)
         mlflow.log_metrics({k: v for k, v in evaluation["headline"].items() if _known(v)})
         mlflow.set_tags({"vidops.model_digest": identity, "vidops.gates_passed": str(passed)})
-        version = str(info.registered_model_version)
         tags = _lineage_tags(card, datasets, data, parent_run_id)
         tags |= {f"vidops.metric.{k}": f"{v:.6g}" for k, v in evaluation["headline"].items()
                  if _known(v)}
@@ -268,8 +269,11 @@ def register(
                  str(evaluation.get("mlflow_run_id")), "vidops.register_run_id": run.info.run_id,
                  "vidops.gates": json.dumps([asdict(g) for g in gates]),
                  "vidops.gates_passed": str(passed)}
-        for key, value in redact_obj(tags).items():
-            client.set_model_version_tag(name, version, key, value)
+        # The version is created with all its tags in one call (one transaction in the
+        # store): a registration killed at any point leaves no version, or one that carries
+        # its lineage and gates, never a bare one.
+        version = str(mlflow.register_model(info.model_uri, name, tags=redact_obj(tags)).version)
+        faults.point("register.created")
         client.set_registered_model_alias(name, CHALLENGER, version)
 
     result = {"name": name, "version": version, "model_uri": f"models:/{name}/{version}",

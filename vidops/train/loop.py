@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -33,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from vidops import faults
 from vidops.config import TrainConfig
 from vidops.train import checkpoint as ckpt
 from vidops.train.distributed import DistInfo, barrier, gather_objects, mean_across_ranks
@@ -42,9 +41,6 @@ from vidops.train.objectives import Objective
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-# Set to N: the process SIGKILLs itself right after optimizer step N (and any checkpoint due
-# then), to prove that a killed run resumes exactly.
-FAULT_KILL_ENV = "VIDOPS_FAULT_KILL_AFTER_STEP"
 ResumeMode = Literal["auto", "require", "never"]
 SampleFn = Callable[[int, torch.nn.Module], None]
 
@@ -259,6 +255,7 @@ class Trainer:
 
     def _state(self, step: int) -> dict[str, Any]:
         rngs = gather_objects(self.dist, ckpt.rng_state())
+        windows = gather_objects(self.dist, list(self._loss_window))
         deepspeed = self.engine is not None  # then DeepSpeed saves weights and optimizer
         return {
             "step": step,
@@ -274,9 +271,11 @@ class Trainer:
                      "micro_batches_done": step * self.cfg.grad_accumulation,
                      "micro_per_epoch": self.micro_per_epoch},
             "settings_digest": self.settings_digest,
-            # The loss curve so far: a run resumed from here (even from the last step, with
-            # nothing left to train) reports the same curve and final loss as an unbroken one.
+            # The loss curve so far, and each rank's step losses since its last point: a run
+            # resumed from here (even from the last step, with nothing left to train) reports
+            # the same curve and final loss as an unbroken one.
             "losses": [list(point) for point in self._loss_log],
+            "loss_windows": windows,
         }
 
     def _save(self, step: int) -> Path | None:
@@ -332,6 +331,9 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         ckpt.set_rng_state(state["rng"][self.dist.rank])
         self._loss_log = [(int(n), float(v)) for n, v in state.get("losses", [])]
+        windows = state.get("loss_windows") or []
+        self._loss_window = ([float(v) for v in windows[self.dist.rank]]
+                             if self.dist.rank < len(windows) else [])
         log.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"])
 
@@ -349,6 +351,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, dist = self.cfg, self.dist
         self._loss_log: list[tuple[int, float]] = []
+        self._loss_window: list[float] = []
         resumed = self._restore()
         start = resumed or 0
         result = TrainResult(steps=cfg.steps, resumed_from=resumed, seconds=0.0,
@@ -358,10 +361,9 @@ class Trainer:
                                       and cfg.mixed_precision == "fp16")
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
                    disable=self.quiet or not dist.is_main)
-        window: list[float] = []
+        window = self._loss_window
         tokens_per_sample = 0
         clock, done = time.perf_counter(), 0
-        kill_after = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
         for step in range(start, cfg.steps):
             step_loss = 0.0
             for k in range(cfg.grad_accumulation):
@@ -416,13 +418,11 @@ class Trainer:
                     if mlflow.active_run() is not None:
                         mlflow.log_metrics(metrics, step=number)
                     bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{metrics['lr']:.2e}")
-                window = []
+                window.clear()
             bar.update(1)
             if number % cfg.checkpoint_every == 0 and number != cfg.steps:
                 self._save(number)
-            if number == kill_after:
-                # Fault injection (tests, reliability drills): die here the hard way.
-                os.kill(os.getpid(), signal.SIGKILL)
+            faults.point("train.step")
             if (self.sample_fn is not None and dist.is_main and cfg.sample_every
                     and number % cfg.sample_every == 0 and number != cfg.steps):
                 self._sample(number)
