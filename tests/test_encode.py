@@ -98,6 +98,14 @@ def test_rerun_hits_the_cache_and_one_new_clip_encodes_one(encoded: tuple) -> No
                       cfg=_cfg(f"models.vae.path={vae}"))
     assert plus["run"]["encoded"] == 1 and plus["run"]["cache_hits"] == 3
     assert plus["encoding"]["vae"]["digest"] == first["encoding"]["vae"]["digest"]
+    # Where that VAE lies is a run fact, not part of the dataset (two workdirs encoding the
+    # same clips with it must version the same data); pretraining still finds it there.
+    grown_dir = Path(plus["output"]["dir"])
+    assert plus["run"]["vae"]["path"] == vae
+    assert vae not in (grown_dir / "encoding.json").read_text()
+    from vidops.stages.pretrain import _job
+
+    assert str(_job(grown_dir, workdir.models / "unused", _cfg()).vae_source) == vae
 
 
 def test_another_vae_reencodes_everything(encoded: tuple) -> None:

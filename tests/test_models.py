@@ -344,3 +344,22 @@ def test_colour_augmented_bootstrap_keeps_a_colour_its_corpus_lacks(tmp_path: Pa
     result = vae_module.bootstrap_vae(report.files, cfg, tmp_path / "vae")
     novel = write_samples(tmp_path / "purple", "shapes-finetune", count=6)
     assert _colours_kept(result.vae, novel.files, cfg) >= 0.8
+
+
+def test_an_adapters_identity_is_its_tensors_not_its_bytes(tmp_path: Path) -> None:
+    """safetensors writes its metadata header in hash-map order, which differs between
+    processes: the same LoRA saved twice may differ in bytes, never in identity."""
+    from safetensors.torch import save_file
+
+    from vidops.models.folder import tensors_digest
+
+    weights = {"b.lora_B.weight": torch.ones(2, 3), "a.lora_A.weight": torch.arange(6.0)}
+    save_file(weights, tmp_path / "one.safetensors", metadata={"format": "pt", "x": "1"})
+    save_file(dict(reversed(weights.items())), tmp_path / "two.safetensors",
+              metadata={"x": "1", "format": "pt"})
+    assert tensors_digest(tmp_path / "one.safetensors") == tensors_digest(
+        tmp_path / "two.safetensors")
+    save_file({**weights, "a.lora_A.weight": torch.arange(6.0) + 1e-6},
+              tmp_path / "three.safetensors")
+    assert tensors_digest(tmp_path / "three.safetensors") != tensors_digest(
+        tmp_path / "one.safetensors")

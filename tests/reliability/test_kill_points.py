@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from vidops.stage import StageError, load_output
@@ -106,10 +107,10 @@ def _readable(work: Path, stage: str) -> bool:
         _outcome(work, stage)
     except (FileNotFoundError, StageError, KeyError, json.JSONDecodeError):
         return False
-    except Exception as exc:
-        if "champion" in str(exc) or "not found" in str(exc).lower():
-            return False
-        raise
+    except MlflowException as exc:  # no registered model, or no champion yet
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        return False
     return True
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import CogVideoXTransformer3DModel, LatteTransformer3DModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vidops.config import Config
@@ -99,6 +100,20 @@ def write_model_folder(
     (out / CARD).write_text(json.dumps(card, indent=2, default=str) + "\n")
     (out / "README.md").write_text(model_card_markdown(card))
     return out
+
+
+def tensors_digest(path: Path) -> str:
+    """A digest of a safetensors file's tensors (names, dtypes, shapes, values), not of its
+    bytes: the metadata header is written in hash-map order, which changes from one process
+    to the next when it holds more than one entry (diffusers' LoRA files hold two), so the
+    same adapter saved twice need not be the same bytes."""
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as tensors:
+        for name in sorted(tensors.keys()):
+            tensor = tensors.get_tensor(name).contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def transformer_digest(model_dir: Path) -> str:
@@ -252,7 +267,7 @@ def model_identity(path: Path) -> str:
     adapter = next((path / ADAPTER_DIR).glob("*.safetensors"), None)
     if not card.get("base") or adapter is None:
         raise ModelFolderError(f"{path} has neither a transformer nor a LoRA adapter")
-    text = f"{card['base']['transformer_digest']}+{file_digest(adapter)}"
+    text = f"{card['base']['transformer_digest']}+{tensors_digest(adapter)}"
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -81,7 +81,10 @@ def _prepare_vae(ctx: StageContext, clips: pd.DataFrame, in_dir: Path) -> tuple[
     vae_cfg = ctx.cfg.models.vae
     if vae_cfg.path:
         vae = load_vae(vae_cfg.path)
-        return vae, {"source": "path", "path": vae_cfg.path}
+        # Identified by its weights' digest, like a bootstrapped one; where it lies (often a
+        # model folder inside this workdir) is a run fact, or the same data encoded in two
+        # workdirs would be two dataset versions.
+        return vae, {"source": "path", "run": {"path": vae_cfg.path}}
     # Bootstrapped on every curated clip (not only this shard's), in clip_id order, so
     # every shard task arrives at the same key and the same model.
     enc = ctx.cfg.encode
@@ -231,13 +234,15 @@ def merge_body(ctx: StageContext, in_dirs: list[Path]) -> StageOutcome:
     kept = export(LatentCache(ctx.workdir.root / "cache" / STAGE), rows.drop(columns=layout),
                   ctx.out_dir)
     first = in_dirs[0]
+    first_run = ctx.inputs[0][1].get("run", {})
     for name in (EMPTY_CAPTION, ENCODING_JSON):
         link_or_copy(first / name, ctx.out_dir / name)
     if (first / VAE_DIR).is_dir():
         link_tree(first / VAE_DIR, ctx.out_dir / VAE_DIR)
     return StageOutcome(input_count=len(rows), kept=kept, rejected=rejected_frame([]),
                         input_digest=digest_of(sorted(f.key for f in rows.itertuples())),
-                        extra={"encoding": encodings[0], "shards": [str(d) for d in in_dirs]})
+                        extra={"encoding": encodings[0], "shards": [str(d) for d in in_dirs],
+                               "run": {"vae": first_run.get("vae", {})}})
 
 
 def run_merge_encoded(

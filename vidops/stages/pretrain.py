@@ -55,7 +55,7 @@ def pretrain(
 
 
 def _job(data_dir: Path, out_dir: Path, cfg: Config) -> TrainingJob:
-    _, _, encoding = encoded_dataset(data_dir)
+    _, info, encoding = encoded_dataset(data_dir)
     channels, frames, height, width = (int(x) for x in encoding["latent_shape"])
     text_info = encoding["text_encoder"]
     if text_info["max_length"] != cfg.models.text_encoder.max_length:
@@ -67,7 +67,9 @@ def _job(data_dir: Path, out_dir: Path, cfg: Config) -> TrainingJob:
     # A bootstrapped VAE travels with the data (and then with the model); one from a path or
     # hub id is referenced.
     vae_dir = data_dir / "vae" if (data_dir / "vae").is_dir() else None
-    vae_path = encoding["vae"].get("path")
+    # A VAE from a path: recorded where encode found it (stage.json's run facts; datasets
+    # encoded before vidops 0.1 carry it in encoding.json).
+    vae_path = encoding["vae"].get("path") or info.get("run", {}).get("vae", {}).get("path")
     scheduler_config = Objective.from_config(cfg.train).scheduler_config()
 
     def save(out: Path, trained: Denoiser, card: dict[str, Any]) -> None:
