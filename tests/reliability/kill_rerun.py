@@ -37,10 +37,15 @@ RUN_SETTINGS = [
 ]
 
 
-def _vidops(workdir: Path, *args: str) -> list[str]:
-    sets = [x for s in RUN_SETTINGS for x in ("--set", s)]
+def vidops_command(workdir: Path, settings: list[str], *args: str) -> list[str]:
+    """`vidops` on the tiny profile in `workdir`, quiet, with `settings` as --set overrides."""
+    sets = [x for s in settings for x in ("--set", s)]
     return [sys.executable, "-m", "vidops.cli", "--config", "tiny", "--workdir", str(workdir),
             "--quiet", *sets, *args]
+
+
+def _vidops(workdir: Path, *args: str) -> list[str]:
+    return vidops_command(workdir, RUN_SETTINGS, *args)
 
 
 def _run_args(corpus: Path) -> list[str]:

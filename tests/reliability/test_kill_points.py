@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 
 from vidops.stage import StageError, load_output
 
+from .kill_rerun import vidops_command
+
 # Eight minutes alone on two cores; more beside other work: past the suite's 900 s default.
 pytestmark = [pytest.mark.slow, pytest.mark.reliability, pytest.mark.timeout(2400)]
 
@@ -73,9 +75,7 @@ def _vidops(work: Path, corpus: Path, stage: str, fault: str | None = None
     env = {k: v for k, v in os.environ.items() if k != "VIDOPS_FAULT"}
     if fault:
         env["VIDOPS_FAULT"] = fault
-    sets = [x for s in SETTINGS for x in ("--set", s)]
-    return subprocess.run([sys.executable, "-m", "vidops.cli", "--config", "tiny",
-                           "--workdir", str(work), "--quiet", *sets, *_args(work, corpus, stage)],
+    return subprocess.run(vidops_command(work, SETTINGS, *_args(work, corpus, stage)),
                           capture_output=True, text=True, timeout=600, env=env)
 
 
