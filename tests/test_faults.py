@@ -19,11 +19,21 @@ for _ in range(3):
 """
 
 
-def _run(spec: str | None) -> subprocess.CompletedProcess[str]:
+# A stage's progress bar is its item fault point, shown or not (`--quiet`).
+_STAGE_ITEMS = """
+from vidops.stage import ItemProgress
+bar = ItemProgress("encode", total=3, unit="clip", quiet=True)
+for _ in range(3):
+    bar.update()
+    print("passed", flush=True)
+"""
+
+
+def _run(spec: str | None, program: str = _PASS_TWICE) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != faults.ENV}
     if spec is not None:
         env[faults.ENV] = spec
-    return subprocess.run([sys.executable, "-c", _PASS_TWICE], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           env=env, timeout=120)
 
 
@@ -43,3 +53,10 @@ def test_the_process_dies_by_sigkill_on_the_nth_pass_and_only_there() -> None:
     for spec in (None, "ingest.item", "filter.item@4"):
         alive = _run(spec)
         assert alive.returncode == 0 and alive.stdout.split() == ["passed"] * 3, spec
+
+
+def test_a_stage_progress_update_is_its_item_fault_point() -> None:
+    killed = _run("encode.item@3", _STAGE_ITEMS)
+    assert killed.returncode == -signal.SIGKILL
+    assert killed.stdout.split() == ["passed"] * 2
+    assert _run("filter.item@1", _STAGE_ITEMS).stdout.split() == ["passed"] * 3

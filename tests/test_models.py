@@ -331,7 +331,11 @@ def test_default_bootstrap_keeps_every_colour(tmp_path: Path) -> None:
     cfg = load_config("tiny")
     report = write_samples(tmp_path / "shapes", "shapes", count=cfg.samples.counts.shapes)
     result = vae_module.bootstrap_vae(report.files, cfg, tmp_path / "vae")
-    assert result.psnr_after > 24.0
+    # Two held-out clips, chosen by content digest: which two moves with the samples' bytes.
+    # Measured over every clip of this corpus (2026-11-27): mean 24.2 dB, the worst 19.7;
+    # the held-out pair 20.1 (from 5.1 before training).
+    assert result.psnr_after > 18.0
+    assert result.psnr_after > result.psnr_before + 10.0
     assert _colours_kept(result.vae, report.files, cfg) >= 0.9
 
 

@@ -8,7 +8,8 @@ no cleanup) the n-th time it passes <point> (n defaults to 1). The crash-safety 
 one environment lookup. The points:
 
 - `<stage>.item`: after each item a data stage has processed (`ingest`, `filter`,
-  `annotate`, `encode`; `evaluate` after each batch of videos);
+  `annotate`, `encode`; `evaluate` after each batch of videos): every update of the
+  stage's progress bar (`vidops.stage.ItemProgress`);
 - `train.step`: after each optimizer step of pretrain or fine-tune (and a checkpoint due
   then);
 - the stage contract's publishing steps, for every data stage: `<stage>.written` (tables
@@ -25,12 +26,14 @@ import os
 import signal
 import sys
 from collections import Counter
+from functools import lru_cache
 
 ENV = "VIDOPS_FAULT"
 
 _passes: Counter[str] = Counter()
 
 
+@lru_cache(maxsize=8)  # a point is passed once per item or step: parse a spec once
 def parse(spec: str) -> dict[str, int]:
     """`filter.item@2,train.step` -> {"filter.item": 2, "train.step": 1}."""
     targets: dict[str, int] = {}

@@ -41,11 +41,12 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from tqdm import tqdm
 
 from vidops import faults
 from vidops.config import Config
 from vidops.data.manifest import REJECTED_COLUMNS, Reason, read_table, write_table
-from vidops.media.files import pid_alive
+from vidops.media.files import pid_alive, write_json_atomic
 from vidops.tracking import dvc as dvc_tracking
 from vidops.tracking import mlflow_runs
 from vidops.tracking.redact import redact_frame, redact_obj
@@ -73,6 +74,21 @@ class GateError(StageError):
     """The data failed its quality gate (Great Expectations suite): exit code 1."""
 
 
+class ItemProgress(tqdm):
+    """A stage's progress over its items (videos, clips, batches). Each update also passes
+    the stage's `<stage>.item` fault point (vidops/faults.py), so every stage can be killed
+    between items the same way, by one mechanism."""
+
+    def __init__(self, stage: str, total: int, unit: str, quiet: bool = False) -> None:
+        super().__init__(total=total, desc=stage, unit=unit, disable=quiet)
+        self.fault_point = f"{stage}.item"
+
+    def update(self, n: float | None = 1) -> bool | None:
+        shown = super().update(n)
+        faults.point(self.fault_point)
+        return shown
+
+
 @dataclass
 class StageContext:
     """What a stage body gets: its config, where to write media, and its input."""
@@ -97,6 +113,9 @@ class StageContext:
         if self.in_dir is None:
             raise StageError(f"stage {self.name} has no input directory")
         return self.read_input(self.in_dir)
+
+    def progress(self, total: int, unit: str) -> ItemProgress:
+        return ItemProgress(self.name, total, unit, self.quiet)
 
     @contextmanager
     def timed(self, label: str) -> Iterator[None]:
@@ -287,7 +306,7 @@ def record_gate_failure(workdir: Workdir, stage: str, message: str, details: dic
     folder = workdir.root / GATE_FAILURES
     folder.mkdir(exist_ok=True)
     name = f"{stage}-{mlflow_run_id or uuid.uuid4().hex[:12]}.json"
-    (folder / name).write_text(json.dumps(record, indent=2))
+    write_json_atomic(folder / name, record)
 
 
 def gate_failures(workdir: Workdir, parent_run_id: str) -> list[dict[str, Any]]:

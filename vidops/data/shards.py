@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from vidops.media.files import write_json_atomic
 
 
 def plan_shards(manifest: pd.DataFrame, count: int,
@@ -44,12 +45,9 @@ def write_shards(manifest: pd.DataFrame, count: int, dest: Path,
         stale.unlink()
     paths = []
     for index, ids in enumerate(plan_shards(manifest, count, id_column)):
-        path = dest / f"shard-{index:02d}.json"
-        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"index": index, "source_dir": str(source_dir or ""),
-                                   "id_column": id_column, "ids": ids,
-                                   "settings": settings or {}}, indent=1))
-        tmp.replace(path)
+        path = write_json_atomic(dest / f"shard-{index:02d}.json", {
+            "index": index, "source_dir": str(source_dir or ""), "id_column": id_column,
+            "ids": ids, "settings": settings or {}}, indent=1)
         paths.append(str(path))
     return paths
 

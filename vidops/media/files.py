@@ -1,13 +1,16 @@
-"""Placing media files into stage outputs without copying bytes when it can be helped."""
+"""Files: placed into stage outputs without copying bytes when it can be helped, records
+written so that a reader never sees half of one, and locks between processes."""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -37,6 +40,21 @@ def exclusive_lock(lock_file: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_json_atomic(path: Path, record: Any, **dumps: Any) -> Path:
+    """Write `record` as JSON to `path` through a temporary file renamed into place: a
+    process killed while writing leaves the previous record (or none), never a torn one
+    that a later step would read. The temporary name carries the writer's pid, so two
+    writers never share one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, **{"indent": 2, **dumps}) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def move(src: Path, dst: Path) -> None:

@@ -39,9 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
 
-from vidops import faults
 from vidops.annotation.captioners import Captioner, CaptionerError, load_captioner
 from vidops.annotation.clips import (
     KEYFRAME_ANNOTATOR,
@@ -145,12 +143,11 @@ def _run_jobs(ctx: StageContext, jobs: list[tuple[int, ClipJob]],
               handle: Callable[[int, ClipResult], None]) -> None:
     """Annotate every clip on all cores; results are handled here, in input order."""
     workers = _workers(ctx.cfg.annotate.workers, len(jobs))
-    progress = tqdm(total=len(jobs), desc="annotate", unit="clip", disable=ctx.quiet)
+    progress = ctx.progress(len(jobs), "clip")
     if workers == 1 or len(jobs) < POOL_MIN_CLIPS:
         for index, job in jobs:
             handle(index, annotate_clip(job))
             progress.update()
-            faults.point("annotate.item")
     else:
         # spawn: worker processes start clean, whatever threads or connections this one holds.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -164,12 +161,10 @@ def _run_jobs(ctx: StageContext, jobs: list[tuple[int, ClipJob]],
                         done, future = pending.popleft()
                         handle(done, future.result())
                         progress.update()
-                        faults.point("annotate.item")
                 while pending:
                     done, future = pending.popleft()
                     handle(done, future.result())
                     progress.update()
-                    faults.point("annotate.item")
             except BaseException:
                 # The stage fails as a whole: do not annotate the clips still queued.
                 pool.shutdown(wait=True, cancel_futures=True)

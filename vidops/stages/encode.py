@@ -28,9 +28,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from vidops import faults
 from vidops.config import Config
 from vidops.data.latent_cache import (
     EMPTY_CAPTION,
@@ -143,7 +141,7 @@ def encode_body(ctx: StageContext, shard_file: Path | None = None) -> StageOutco
     rejected: list[dict[str, Any]] = []
 
     with ctx.timed("encode"), cache.writer(shard_entries=enc.shard_clips) as writer:
-        bar = tqdm(total=len(todo), desc="encode", unit="clip", disable=ctx.quiet)
+        bar = ctx.progress(len(todo), "clip")
         for start in range(0, len(todo), enc.batch_size):
             batch, videos = [], []
             for i in todo[start:start + enc.batch_size]:
@@ -172,7 +170,6 @@ def encode_body(ctx: StageContext, shard_file: Path | None = None) -> StageOutco
                         tensors["latents_logvar"] = posterior.logvar[j].cpu()
                     writer.add(keys[i], tensors)
             bar.update(len(todo[start:start + enc.batch_size]))
-            faults.point("encode.item")
         bar.close()
 
     with ctx.timed("export"):

@@ -30,14 +30,13 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from vidops import faults
 from vidops.config import Config, EvaluateConfig
 from vidops.data.samples import COLOURS, DIRECTIONS, FINETUNE_COLOURS, HOLDOUT, SHAPES, caption_for
 from vidops.evaluation import metrics as vm
 from vidops.evaluation.report import write_report
 from vidops.evaluation.shapes import parse_prompt, read_shape_video
+from vidops.media.files import write_json_atomic
 from vidops.models.folder import (
     LoadedModel,
     load_model_folder,
@@ -48,7 +47,7 @@ from vidops.models.imported import resolve_model_ref
 from vidops.models.lora import merge_lora
 from vidops.models.sampling import generate, save_video
 from vidops.models.vae import read_clip, resolve_device
-from vidops.stage import StageError, load_output
+from vidops.stage import ItemProgress, StageError, load_output
 from vidops.tracking import mlflow_runs
 from vidops.tracking.redact import redact_obj, redact_uri
 from vidops.tracking.registry import REGISTRATION_JSON
@@ -175,9 +174,7 @@ def evaluate(
                                  {**vm.VIDEO_METRICS, **HEADLINE_INFO}.items()}
         result = redact_obj(_plain(result))
         write_report(out_dir, result, _comparisons(cfg, workdir, compare, result))
-        partial = out_dir / f".{METRICS_JSON}.partial"
-        partial.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-        partial.replace(out_dir / METRICS_JSON)
+        write_json_atomic(out_dir / METRICS_JSON, result, allow_nan=False)
         mlflow.log_metrics({k: v for k, v in result["headline"].items() if _finite(v)})
         mlflow.log_metrics({f"{k}_mean": v["mean"] for k, v in result["metrics"].items()
                             if _finite(v["mean"])})
@@ -193,7 +190,7 @@ def _generate_all(model: LoadedModel, cases: list[EvalCase], settings: dict[str,
                   ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     videos: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(cases), desc="evaluate", unit="video", disable=quiet)
+    bar = ItemProgress("evaluate", len(cases), "video", quiet)
     for start in range(0, len(cases), batch_size):
         batch = cases[start:start + batch_size]
         generated = generate(model, [c.prompt for c in batch], seed=[c.seed for c in batch],
@@ -209,7 +206,6 @@ def _generate_all(model: LoadedModel, cases: list[EvalCase], settings: dict[str,
                          "metrics": vm.video_metrics(video), "adherence": None,
                          "clip_score": None})
         bar.update(len(batch))
-        faults.point("evaluate.item")
     bar.close()
     return videos, rows
 

@@ -21,9 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from vidops import faults
 from vidops.config import Config
 from vidops.data.manifest import FILTER_COLUMNS, Reason, rejected_frame
 from vidops.data.shards import read_shard
@@ -159,7 +157,7 @@ def _analyse_all(ctx: StageContext, jobs: list[tuple[str, Path]]
     clips_dir.mkdir(exist_ok=True)
     workers = max(1, min(ctx.cfg.filter.workers or os.cpu_count() or 1, len(jobs)))
     results: list[VideoAnalysis | AnalysisError] = []
-    progress = tqdm(total=len(jobs), desc="filter", unit="video", disable=ctx.quiet)
+    progress = ctx.progress(len(jobs), "video")
 
     def collect(get: Any) -> None:
         try:
@@ -167,7 +165,6 @@ def _analyse_all(ctx: StageContext, jobs: list[tuple[str, Path]]
         except AnalysisError as exc:
             results.append(exc)
         progress.update()
-        faults.point("filter.item")
 
     if workers == 1:
         for name, path in jobs:

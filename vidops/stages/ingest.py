@@ -23,9 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pandas as pd
-from tqdm import tqdm
 
-from vidops import faults
 from vidops.config import Config
 from vidops.data.manifest import Reason, rejected_frame
 from vidops.data.sources import Discovery, SourceItem, discover, safe_text
@@ -71,12 +69,11 @@ def _probe_all(ctx: StageContext, items: list[SourceItem]) -> list[dict[str, Any
     limits = probe_limits(ctx.cfg)
     results: list[dict[str, Any]] = [{} for _ in items]
     workers = _workers(ctx.cfg.ingest.workers, len(jobs))
-    progress = tqdm(total=len(jobs), desc="ingest", unit="file", disable=ctx.quiet)
+    progress = ctx.progress(len(jobs), "file")
     if workers == 1:
         for i, item in jobs:
             results[i] = copy_hash_probe(item.uri, incoming / str(i), cov, limits=limits)
             progress.update()
-            faults.point("ingest.item")
     else:
         # spawn: worker processes start clean, whatever threads or connections this one holds.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -86,7 +83,6 @@ def _probe_all(ctx: StageContext, items: list[SourceItem]) -> list[dict[str, Any
             for i, future in futures.items():
                 results[i] = future.result()
                 progress.update()
-                faults.point("ingest.item")
     progress.close()
     return results
 

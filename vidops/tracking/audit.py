@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from vidops.config import Config
+from vidops.media.files import write_json_atomic
 from vidops.stage import MANIFEST, REJECTED, STAGE_JSON, StageError
 from vidops.tracking import mlflow_runs
 from vidops.tracking.dvc import remote_url
@@ -393,10 +394,7 @@ def write_lineage(out_dir: Path, lineage: dict[str, Any]) -> tuple[Path, Path]:
     # The records are redacted already; what this run adds (the model reference, the
     # remote's URL, a verification path) is redacted the same way.
     lineage = redact_obj(lineage)
-    path = out_dir / LINEAGE_JSON
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(lineage, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    path = write_json_atomic(out_dir / LINEAGE_JSON, lineage, default=str)
     return path, write_lineage_html(out_dir / LINEAGE_HTML, lineage)
 
 

@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from vidops import faults
 from vidops.config import Config
+from vidops.media.files import write_json_atomic
 from vidops.stage import GateError, StageError, record_gate_failure
 from vidops.tracking import mlflow_runs
 from vidops.tracking.redact import redact_obj
@@ -323,11 +324,8 @@ def record_registration(eval_dir: str | Path, result: dict[str, Any],
                         parent_run_id: str | None) -> Path:
     """What a registration did, beside the evaluation it used: promote and the run summary
     read it."""
-    path = Path(eval_dir) / REGISTRATION_JSON
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**result, "parent_run_id": parent_run_id}, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json_atomic(Path(eval_dir) / REGISTRATION_JSON,
+                             {**result, "parent_run_id": parent_run_id})
 
 
 def promote_registered(eval_dir: str | Path, *, cfg: Config, workdir: Workdir) -> str:
@@ -341,5 +339,5 @@ def promote_registered(eval_dir: str | Path, *, cfg: Config, workdir: Workdir) -
     mlflow_runs.configure(cfg, workdir)
     record["aliases"] = sorted(MlflowClient().get_model_version(
         record["name"], record["version"]).aliases)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(path, record)
     return str(record["version"])
