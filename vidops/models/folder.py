@@ -36,11 +36,11 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import CogVideoXTransformer3DModel, LatteTransformer3DModel
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vidops.config import Config
 from vidops.media.files import link_tree
+from vidops.models.identity import model_digest
 from vidops.models.lora import ADAPTER_CONFIG, load_lora, merge_lora, save_lora
 from vidops.models.text import TextEncoder
 from vidops.models.transformer import CaptionLayout, Denoiser
@@ -103,17 +103,11 @@ def write_model_folder(
 
 
 def tensors_digest(path: Path) -> str:
-    """A digest of a safetensors file's tensors (names, dtypes, shapes, values), not of its
-    bytes: the metadata header is written in hash-map order, which changes from one process
-    to the next when it holds more than one entry (diffusers' LoRA files hold two), so the
-    same adapter saved twice need not be the same bytes."""
-    digest = hashlib.sha256()
-    with safe_open(str(path), framework="pt") as tensors:
-        for name in sorted(tensors.keys()):
-            tensor = tensors.get_tensor(name).contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """`model_digest` of a safetensors file's tensors, not of its bytes: the metadata header
+    is written in hash-map order, which changes from one process to the next when it holds
+    more than one entry (diffusers' LoRA files hold two), so the same adapter saved twice
+    need not be the same bytes."""
+    return model_digest({}, load_file(str(path)))
 
 
 def transformer_digest(model_dir: Path) -> str:
