@@ -361,6 +361,11 @@ def _reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, foreground_w
     return (weight * (recon - target) ** 2).mean() / weight.mean()
 
 
+# The grey axis (unit length) and its cross-product matrix, for hue turns about it.
+_GREY_AXIS = torch.full((3,), 3 ** -0.5)
+_GREY_CROSS = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]]) * 3 ** -0.5
+
+
 def _turn_hues(batch: torch.Tensor, gen: torch.Generator, fraction: float) -> torch.Tensor:
     """A `fraction` of the clips with every colour turned by one random angle about the grey
     axis (a hue rotation that keeps black, white and greys). A VAE bootstrapped on a few
@@ -368,16 +373,13 @@ def _turn_hues(batch: torch.Tensor, gen: torch.Generator, fraction: float) -> to
     green, blue, yellow) it decoded purple as blue in 12 of 12 fine-tune clips, so no
     fine-tune could teach purple on top of it. Continuous angles, not channel shuffles: the
     six shuffles of four colours still leave gaps that a new colour snaps into."""
-    axis = torch.full((3,), 3 ** -0.5)
-    cross = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]],
-                          [-axis[1], axis[0], 0.0]])
     out = []
     for clip in batch:
         if float(torch.rand((), generator=gen)) < fraction:
             angle = float(torch.rand((), generator=gen)) * 2 * math.pi
             # Rodrigues' rotation; the grey axis passes through 0 in [-1, 1] as in [0, 1].
-            turn = (math.cos(angle) * torch.eye(3) + math.sin(angle) * cross
-                    + (1 - math.cos(angle)) * torch.outer(axis, axis))
+            turn = (math.cos(angle) * torch.eye(3) + math.sin(angle) * _GREY_CROSS
+                    + (1 - math.cos(angle)) * torch.outer(_GREY_AXIS, _GREY_AXIS))
             clip = torch.einsum("ij,jfhw->ifhw", turn, clip).clamp(-1, 1)
         out.append(clip)
     return torch.stack(out)
