@@ -26,6 +26,7 @@ from pathlib import Path
 from vidops.config import load_config
 from vidops.evaluation.adherence import evaluate_adherence, shapes_prompts
 from vidops.models.folder import load_model_folder
+from vidops.models.sampling import sampling_settings
 from vidops.stages.encode import run_encode
 from vidops.stages.pretrain import pretrain
 from vidops.tracking.workdir import Workdir
@@ -37,10 +38,10 @@ SETTINGS: dict[str, list[str]] = {
     "short window (stride 2)": ["encode.stride=2"],
     "epsilon, no min-SNR": ["train.objective=epsilon", "train.min_snr_gamma=null"],
     "flow matching": ["train.objective=flow_matching", "train.min_snr_gamma=null",
-                      "generate.sampler=euler"],
+                      "train.sampling.sampler=euler"],
     "lr 3e-4": ["train.learning_rate=3e-4"],
-    "guidance 2": ["generate.guidance_scale=2.0"],
-    "guidance 8": ["generate.guidance_scale=8.0"],
+    "guidance 2": ["train.sampling.guidance_scale=2.0"],
+    "guidance 8": ["train.sampling.guidance_scale=8.0"],
     "cogvideox (text in every attention)": ["models.transformer.arch=cogvideox",
                                             "models.transformer.caption_layout_rank=0"],
 }
@@ -103,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         clock = time.perf_counter()
         summary = pretrain(data, out, cfg=cfg, workdir=workdir, resume="never", quiet=True)
         model = load_model_folder(out)
-        gen = cfg.generate
-        scores = evaluate_adherence(model, cases, steps=gen.steps,
-                                    guidance_scale=gen.guidance_scale, sampler=gen.sampler,
+        how = sampling_settings(cfg, model.card)
+        scores = evaluate_adherence(model, cases, steps=how.steps,
+                                    guidance_scale=how.guidance_scale, sampler=how.sampler,
                                     out_dir=out / "adherence")
         row = {"setting": name, "overrides": overrides, "steps": steps,
                "step_s": round(per_step, 4), "train_s": round(summary["seconds"], 1),

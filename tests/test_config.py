@@ -30,6 +30,8 @@ def test_defaults_profile_and_overrides_layer_in_order(tmp_path: Path) -> None:
         (["ingest.workers=many"], "'ingest.workers'"),
         (["samples.kinds=[shapes,cats]"], "'samples.kinds.1'"),
         (["seed"], "key=value"),
+        (["train.objective=flow_matching", "train.min_snr_gamma=null"],
+         "sampling.sampler 'ddim' cannot sample a flow_matching model"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
@@ -66,3 +68,17 @@ def test_configuring_one_workdir_does_not_leak_into_the_next(tmp_path: Path, mon
     assert first.endswith("a/mlflow.db") and second.endswith("b/mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
     assert mlflow_runs.configure(cfg, Workdir.at(tmp_path / "c")) == "sqlite:///elsewhere.db"
+
+
+def test_a_model_samples_with_its_cards_settings_unless_a_caller_overrides_them() -> None:
+    from vidops.models.sampling import sampling_settings
+
+    cfg = load_config(None)  # params.yaml: generate.* null, train.sampling guidance 6
+    card = {"sampling": {"sampler": "dpm", "steps": 20, "guidance_scale": 4.5}}
+    assert sampling_settings(cfg, card).model_dump() == card["sampling"]
+    # A card without settings (an imported pipeline): this config's train.sampling.
+    assert sampling_settings(cfg, {}).model_dump() == cfg.train.sampling.model_dump()
+    # generate.* over the card, a command's own flags over both; unset flags fall through.
+    cfg = load_config(None, ["generate.guidance_scale=7.0"])
+    how = sampling_settings(cfg, card, {"steps": 8, "guidance_scale": None, "sampler": None})
+    assert (how.sampler, how.steps, how.guidance_scale) == ("dpm", 8, 7.0)

@@ -33,7 +33,7 @@ OVERRIDES = ["models.vae.bootstrap.steps=4", "models.vae.bootstrap.holdout_clips
              "encode.batch_size=4", "train.batch_size=4", "train.steps=30",
              "train.learning_rate=3e-3", "train.warmup_steps=1", "train.checkpoint_every=30",
              "train.log_every=10", "train.sample_prompts=[a red circle moving right]",
-             "train.sample_every=0", "generate.steps=4", "evaluate.seeds=[7]",
+             "train.sample_every=0", "train.sampling.steps=4", "evaluate.seeds=[7]",
              "evaluate.batch_size=13",
              # Gates a 30-step model can pass; the regression gate is what these tests probe.
              "registry.thresholds.adherence_colour=null",
@@ -122,7 +122,7 @@ def _degraded(model: Path, out: Path) -> Path:
 
 
 def test_register_promotes_a_passing_candidate_and_refuses_a_regressing_one(
-        trained: tuple, tmp_path: Path) -> None:
+        trained: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     workdir, model, eval_dir = trained
     cfg = _cfg()
     mlflow.set_tracking_uri(f"sqlite:///{workdir.mlflow_db}")
@@ -144,10 +144,20 @@ def test_register_promotes_a_passing_candidate_and_refuses_a_regressing_one(
                                               "seed": [0, 1]}), params={"steps": 2})
         assert videos.dtype == np.uint8 and videos.shape == (2, 5, 32, 32, 3)
         assert np.abs(videos[0].astype(int) - videos[1]).max() > 0  # its own seed each
+        # Unasked, it samples as its evaluation did (the card's 4 steps, guidance 4.5 of the
+        # tiny profile it was trained under), not at params.yaml's generic defaults.
+        sampled_as = json.loads((eval_dir / METRICS_JSON).read_text())["settings"]
+        assert (sampled_as["steps"], sampled_as["guidance_scale"]) == (4, 4.5)
+        defaults = {p.name: p.default for p in served.metadata.get_params_schema().params}
+        assert {k: defaults[k] for k in ("steps", "guidance_scale", "sampler")} == {
+            k: sampled_as[k] for k in ("steps", "guidance_scale", "sampler")}
         out = tmp_path / "champion.mp4"
-        assert main(["--config", "tiny", "--workdir", str(workdir.root), "--quiet", "generate",
-                     "--model", "models:/vidgen@champion", "--prompt", "a red circle moving "
-                     "right", "--steps", "2", "--out", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["--workdir", str(workdir.root), "--quiet", "generate", "--model",
+                     "models:/vidgen@champion", "--prompt", "a red circle moving right",
+                     "--out", str(out)]) == 0  # no profile: params.yaml says guidance 6
+        assert json.loads(capsys.readouterr().out)["sampling"] == {
+            "sampler": "ddim", "steps": 4, "guidance_scale": 4.5}
         assert out.stat().st_size > 0
 
         # A degraded model, evaluated for real, regresses: challenger, champion unmoved.

@@ -103,7 +103,7 @@ def test_objective_and_sampler_combinations_train_and_sample(
         extra: list[str]) -> None:
     _, data = encoded
     cfg = _cfg("train.steps=3", f"train.objective={objective}",
-               f"train.beta_schedule={schedule}", *extra)
+               f"train.beta_schedule={schedule}", f"train.sampling.sampler={sampler}", *extra)
     trainer = _trainer(data, cfg, tmp_path / "m")
     result = trainer.run()
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
@@ -151,8 +151,8 @@ def test_a_base_models_scheduler_sets_the_noise_process() -> None:
 def test_flow_matching_refuses_min_snr(encoded: tuple, tmp_path: Path) -> None:
     _, data = encoded
     with pytest.raises(ValueError, match="min-SNR"):
-        _trainer(data, _cfg("train.objective=flow_matching", "train.min_snr_gamma=5.0"),
-                 tmp_path / "m")
+        _trainer(data, _cfg("train.objective=flow_matching", "train.min_snr_gamma=5.0",
+                            "train.sampling.sampler=euler"), tmp_path / "m")
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(

@@ -154,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", type=Path, required=True, help="the MP4 to write")
     p.add_argument("--seed", type=int, default=None, help="default: the config's seed")
-    p.add_argument("--steps", type=int, default=None, help="default: generate.steps")
+    # Defaults: generate.*, else the model's own sampling settings (its card).
+    p.add_argument("--steps", type=int, default=None, help="default: the model's (its card)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: generate.guidance_scale)")
+                   help="classifier-free guidance scale (default: the model's, from its card)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--sampler", choices=["ddim", "dpm", "euler"], default=None)
     p.add_argument("--gif", action="store_true", help="also write an animated GIF")
@@ -508,7 +509,7 @@ def _generate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
     from vidops.models.folder import ModelFolderError, apply_lora, load_model_folder
     from vidops.models.imported import resolve_model_ref
     from vidops.models.lora import AdapterError
-    from vidops.models.sampling import generate, save_video
+    from vidops.models.sampling import generate, sampling_settings, save_video
 
     gen = cfg.generate
     try:
@@ -517,11 +518,11 @@ def _generate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
                                   download_dir=workdir.downloads)
         if args.lora:
             apply_lora(model, args.lora, args.lora_scale)
+        how = sampling_settings(cfg, model.card, {"steps": args.steps, "sampler": args.sampler,
+                                                  "guidance_scale": args.guidance})
         videos = generate(model, [args.prompt], seed=cfg.seed if args.seed is None else args.seed,
-                          steps=args.steps or gen.steps,
-                          guidance_scale=(gen.guidance_scale if args.guidance is None
-                                          else args.guidance),
-                          sampler=args.sampler or gen.sampler,
+                          steps=how.steps, guidance_scale=how.guidance_scale,
+                          sampler=how.sampler,
                           negative_prompt=(gen.negative_prompt if args.negative_prompt is None
                                            else args.negative_prompt))
     except (ModelFolderError, AdapterError, FileNotFoundError, ValueError) as exc:
@@ -530,7 +531,8 @@ def _generate(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
     written = save_video(videos[0], args.out, model.fps, gif=args.gif or gen.gif)
     frames, height, width = videos.shape[1:4]
     print(json.dumps({"out": [str(p) for p in written], "frames": int(frames),
-                      "height": int(height), "width": int(width), "fps": model.fps}))
+                      "height": int(height), "width": int(width), "fps": model.fps,
+                      "sampling": how.model_dump()}))
     return EXIT_OK
 
 

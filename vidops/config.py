@@ -188,6 +188,18 @@ class EncodeConfig(_Strict):
     device: str
 
 
+Sampler = Literal["ddim", "dpm", "euler"]
+
+
+class SamplingConfig(_Strict):
+    """How a model is sampled. `train.sampling` is recorded in the card of every model
+    trained, as the settings it is meant to be sampled with; `generate` and `evaluate` may
+    override each field."""
+    sampler: Sampler
+    steps: int = Field(ge=1)
+    guidance_scale: float = Field(ge=0)
+
+
 class TrainConfig(_Strict):
     objective: Literal["epsilon", "v_prediction", "flow_matching"]
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
@@ -218,6 +230,16 @@ class TrainConfig(_Strict):
     # PyTorchJob (Training Operator), each pod with resources.pretrain's GPUs.
     nodes: int = Field(default=1, ge=1)
     holdout_fraction: float = Field(ge=0, lt=1)
+    sampling: SamplingConfig
+
+    @model_validator(mode="after")
+    def _sampler_fits_objective(self) -> TrainConfig:
+        # Said at load time, not by the first sample after hours of training.
+        fits = ("euler", "dpm") if self.objective == "flow_matching" else ("ddim", "dpm")
+        if self.sampling.sampler not in fits:
+            raise ValueError(f"sampling.sampler {self.sampling.sampler!r} cannot sample a "
+                             f"{self.objective} model: use one of {', '.join(fits)}")
+        return self
 
 
 class LoraConfig(_Strict):
@@ -247,9 +269,10 @@ class FinetuneConfig(_Strict):
 
 
 class GenerateConfig(_Strict):
-    sampler: Literal["ddim", "dpm", "euler"]
-    steps: int = Field(ge=1)
-    guidance_scale: float = Field(ge=0)
+    # None: the model's own setting (its card's `sampling`), see models.sampling.settings_for.
+    sampler: Sampler | None
+    steps: int | None = Field(ge=1)
+    guidance_scale: float | None = Field(ge=0)
     negative_prompt: str
     gif: bool
 
@@ -261,7 +284,7 @@ class EvaluateConfig(_Strict):
     batch_size: int = Field(ge=1)
     steps: int | None = Field(ge=1)
     guidance_scale: float | None = Field(ge=0)
-    sampler: Literal["ddim", "dpm", "euler"] | None
+    sampler: Sampler | None
     clip_model: str | None
     i3d_path: str | None
     max_reference_clips: int = Field(ge=2)

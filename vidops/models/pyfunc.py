@@ -25,7 +25,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-from vidops.config import GenerateConfig
+from vidops.config import SamplingConfig
 from vidops.models.folder import PYFUNC_BASE, PYFUNC_MODEL, read_card
 
 # Deliberate (see predict); MLflow would say so on every load.
@@ -63,19 +63,20 @@ class VideoGenerationModel(mlflow.pyfunc.PythonModel):
                         negative_prompt=str(params.get("negative_prompt") or ""))
 
 
-def signature(model_dir: Path, gen: GenerateConfig) -> ModelSignature:
-    """Inputs, output shape (from the card's video geometry) and generation params with the
-    config's defaults."""
+def signature(model_dir: Path, sampling: SamplingConfig, negative_prompt: str) -> ModelSignature:
+    """Inputs, output shape (from the card's video geometry) and generation params whose
+    defaults are `sampling`: register passes the settings its evaluation sampled with, so
+    `predict` without params makes the videos the registered metrics describe."""
     video = read_card(model_dir)["video"]
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False)]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8),
                                    (-1, int(video["frames"]), int(video["height"]),
                                     int(video["width"]), 3))]),
-        params=ParamSchema([ParamSpec("steps", "long", gen.steps),
-                            ParamSpec("guidance_scale", "double", gen.guidance_scale),
-                            ParamSpec("sampler", "string", gen.sampler),
-                            ParamSpec("negative_prompt", "string", gen.negative_prompt)]),
+        params=ParamSchema([ParamSpec("steps", "long", sampling.steps),
+                            ParamSpec("guidance_scale", "double", sampling.guidance_scale),
+                            ParamSpec("sampler", "string", sampling.sampler),
+                            ParamSpec("negative_prompt", "string", negative_prompt)]),
     )
 
 

@@ -45,7 +45,7 @@ from vidops.models.folder import (
 )
 from vidops.models.imported import resolve_model_ref
 from vidops.models.lora import merge_lora
-from vidops.models.sampling import generate, save_video
+from vidops.models.sampling import generate, sampling_settings, save_video
 from vidops.models.vae import read_clip, resolve_device
 from vidops.stage import ItemProgress, StageError, load_output
 from vidops.tracking import mlflow_runs
@@ -117,7 +117,7 @@ def evaluate(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Evaluate MODEL into `out_dir`; returns what metrics.json holds."""
-    ev, gen = cfg.evaluate, cfg.generate
+    ev = cfg.evaluate
     out_dir = Path(out_dir).resolve()
     model_dir = resolve_model_ref(model_ref, cfg=cfg, workdir=workdir)
     device = resolve_device(ev.device)
@@ -125,11 +125,10 @@ def evaluate(
     if model.base_path is not None:
         # Folded into the weights, an adapter samples ~4x faster and gives the same videos.
         merge_lora(model.denoiser.transformer)
-    settings = {"steps": ev.steps or gen.steps,
-                "guidance_scale": gen.guidance_scale if ev.guidance_scale is None
-                else ev.guidance_scale,
-                "sampler": ev.sampler or gen.sampler, "seeds": list(ev.seeds),
-                "prompt_set": ev.prompt_set, "fps": model.fps}
+    how = sampling_settings(cfg, model.card, {"steps": ev.steps, "sampler": ev.sampler,
+                                              "guidance_scale": ev.guidance_scale})
+    settings = {**how.model_dump(), "seeds": list(ev.seeds), "prompt_set": ev.prompt_set,
+                "fps": model.fps}
     cases = prompt_cases(ev)
     # An earlier evaluation in this folder (its samples, and what registering it did) is
     # replaced, not mixed in; metrics.json, which makes the folder an evaluation that register

@@ -23,7 +23,7 @@ import torch
 
 from vidops.config import Config, TrainConfig
 from vidops.data.latent_dataset import LatentDataset, held_out_ids, training_subset
-from vidops.models.sampling import decode_latents, sample_latents, save_video
+from vidops.models.sampling import decode_latents, sample_latents, sampling_settings, save_video
 from vidops.models.text import TextEncoder
 from vidops.models.transformer import Denoiser, count_parameters
 from vidops.models.vae import load_vae
@@ -39,8 +39,9 @@ TRAINING_JSON = "training.json"
 SAMPLES_DIR = "samples"
 # Settings that change what training computes; the rest (logging, checkpoint cadence,
 # sampling) may differ between a run and its resumption.
+# Settings that do not change the weights trained: a resume may differ in them.
 _COSMETIC = {"log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-             "sample_prompts", "device"}
+             "sample_prompts", "device", "sampling"}
 
 # (out_dir, the trained denoiser, the card) -> writes the model folder at out_dir.
 SaveFn = Callable[[Path, Denoiser, dict[str, Any]], None]
@@ -81,11 +82,13 @@ class TrainingJob:
     deepspeed: dict[str, Any] | None = None  # a DeepSpeed config: the loop runs under it
 
 
-def _sampler(cfg: Config, out_dir: Path, vae: Any, scale: float, latent_shape: list[int],
-             prompts: list[str], empties: dict[str, torch.Tensor], text_encoder: TextEncoder,
-             fps: float, scheduler_config: dict[str, Any]):
+def _sampler(cfg: Config, train: TrainConfig, out_dir: Path, vae: Any, scale: float,
+             latent_shape: list[int], prompts: list[str], empties: dict[str, torch.Tensor],
+             text_encoder: TextEncoder, fps: float, scheduler_config: dict[str, Any]):
     """A callback that renders the sample prompts with the (EMA) model into MP4s, logged to
-    MLflow under samples/step-N."""
+    MLflow under samples/step-N, sampled as the finished model's card will say."""
+    how = sampling_settings(cfg, {"sampling": train.sampling.model_dump()})
+
     def render(step: int, denoiser: torch.nn.Module) -> None:
         if not prompts:
             return
@@ -93,12 +96,11 @@ def _sampler(cfg: Config, out_dir: Path, vae: Any, scale: float, latent_shape: l
         text, mask = text_encoder.encode(prompts)
         uncond = empties["prompt_embeds"].float()[None].expand_as(text).to(device)
         uncond_mask = empties["prompt_mask"][None].expand_as(mask).to(device)
-        gen = cfg.generate
         latents = sample_latents(denoiser, scheduler_config=scheduler_config,
                                  latent_shape=latent_shape, text=text.to(device),
                                  mask=mask.to(device), uncond_text=uncond,
-                                 uncond_mask=uncond_mask, seed=cfg.seed, steps=gen.steps,
-                                 guidance_scale=gen.guidance_scale, sampler=gen.sampler)
+                                 uncond_mask=uncond_mask, seed=cfg.seed, steps=how.steps,
+                                 guidance_scale=how.guidance_scale, sampler=how.sampler)
         videos = decode_latents(vae, latents.cpu(), scale)
         folder = out_dir / SAMPLES_DIR / f"step-{step:08d}"
         for i, (prompt, video) in enumerate(zip(prompts, videos, strict=True)):
@@ -152,7 +154,7 @@ def run_training(job: TrainingJob, *, workdir: Workdir, dist: DistInfo,
                                        max_length=int(job.text_encoder["max_length"]),
                                        device=dist.device)
             vae = load_vae(job.vae_source).to(dist.device).eval()
-            sample_fn = _sampler(cfg, out_dir, vae, scale, latent_shape,
+            sample_fn = _sampler(cfg, job.train, out_dir, vae, scale, latent_shape,
                                  list(job.train.sample_prompts), dataset.empty_caption(),
                                  text_encoder, fps, job.scheduler_config)
     status = "FAILED"
@@ -174,6 +176,7 @@ def run_training(job: TrainingJob, *, workdir: Workdir, dist: DistInfo,
                 "name": cfg.tracking.registered_model, "kind": job.stage,
                 "arch": cfg.models.transformer.arch, "size": cfg.models.transformer.size,
                 "objective": job.train.objective,
+                "sampling": job.train.sampling.model_dump(mode="json"),
                 "parameters": count_parameters(job.denoiser),
                 "latent": {"shape": latent_shape, "scale": scale},
                 "video": video,

@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from vidops import faults
-from vidops.config import Config
+from vidops.config import Config, SamplingConfig
 from vidops.media.files import write_json_atomic
 from vidops.stage import GateError, StageError, record_gate_failure
 from vidops.tracking import mlflow_runs
@@ -242,6 +242,9 @@ def register(
         cfg.registry.max_regression, compared)]
     passed = all(g.passed for g in gates)
 
+    # The pyfunc's default params: how the evaluation behind its metrics sampled.
+    sampled_as = SamplingConfig(**{key: evaluation["settings"][key]
+                                   for key in SamplingConfig.model_fields})
     experiment_id = mlflow_runs.ensure_experiment(cfg.tracking.experiments.training, workdir)
     with mlflow.start_run(experiment_id=experiment_id, run_name="register",
                           parent_run_id=parent_run_id or None,
@@ -252,7 +255,7 @@ def register(
             artifacts["base"] = str(_stage_folder(base_dir, Path(tmp) / "base"))
         info = mlflow.pyfunc.log_model(
             name="model", python_model=pyfunc.__file__, artifacts=artifacts,
-            signature=pyfunc.signature(model_dir, cfg.generate),
+            signature=pyfunc.signature(model_dir, sampled_as, cfg.generate.negative_prompt),
             input_example=pyfunc.input_example(cfg.train.sample_prompts[0]
                                                if cfg.train.sample_prompts else "a video"),
             pip_requirements=pyfunc.requirements())
