@@ -75,6 +75,24 @@ def test_success_writes_contract_files_and_a_failed_rerun_keeps_them(
     assert not (out / "half-written").exists()
 
 
+def test_the_remote_keeps_each_object_once_and_others_uploads_alone(
+    cfg, workdir, tmp_path: Path
+) -> None:
+    """`dvc add --to-remote` leaves a temporary copy of each file it uploads in the remote
+    (DVC #10783); the stage removes its own, and only its own."""
+    objects = workdir.dvc_remote / "files" / "md5"
+    objects.mkdir(parents=True)
+    in_flight = objects / ".another-upload.tmp"  # another workdir's upload, half-written
+    in_flight.write_bytes(b"not one of this stage's files")
+    info = run_stage("unit", lambda ctx: _outcome(ctx, 3, 2), cfg=cfg, workdir=workdir,
+                     out_dir=tmp_path / "out")
+    assert sorted(objects.glob(".*.tmp")) == [in_flight]
+    md5 = info["dvc"]["md5"]
+    listing = json.loads((objects / md5[:2] / md5[2:]).read_text())
+    for entry in listing:  # every file of the version is on the remote, under its address
+        assert (objects / entry["md5"][:2] / entry["md5"][2:]).is_file(), entry
+
+
 def test_incomplete_output_is_not_trusted(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -4,11 +4,19 @@ Stage outputs are uploaded with `dvc add --to-remote`, which hashes a directory 
 lies (inside the workdir or not), uploads its objects to the remote and writes a `.dvc`
 pointer into the workdir's repo, without a second local copy in a DVC cache. The md5 of that
 pointer is the dataset's version: the content address of the data on the remote.
+
+`dvc add --to-remote` streams each file into a temporary `files/md5/.<random>.tmp` on the
+remote while hashing it, copies that into place, and never deletes it (DVC issue #10783, open
+in DVC 3.67): the remote would hold every dataset twice. On a local remote, what our own
+upload left is removed afterwards (`_remove_upload_leftovers`); on a cloud remote, a
+lifecycle rule on the `files/md5/.` prefix does the same (README, "Run on Kubernetes").
 """
 
 from __future__ import annotations
 
 import configparser
+import hashlib
+import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -85,11 +93,51 @@ def version_directory(
     url = ensure_repo(workdir, configured_remote)
     workdir.datasets.mkdir(parents=True, exist_ok=True)
     pointer = workdir.datasets / name
+    leftovers_before = _upload_leftovers(url)
     _dvc(workdir, "add", "--quiet", "--to-remote", "--remote", REMOTE_NAME,
          "--out", str(pointer.relative_to(workdir.root)), str(Path(directory).resolve()))
     dvc_file = pointer.with_name(pointer.name + ".dvc")
     out = yaml.safe_load(dvc_file.read_text())["outs"][0]
-    return DatasetVersion(
+    version = DatasetVersion(
         md5=out["md5"], nfiles=int(out.get("nfiles", 0)), size=int(out.get("size", 0)),
         remote=url, dvc_file=str(dvc_file.relative_to(workdir.root)),
     )
+    _remove_upload_leftovers(version, _upload_leftovers(url) - leftovers_before)
+    return version
+
+
+def _upload_leftovers(url: str) -> set[Path]:
+    """The temporary upload files now on a local remote (none known for a cloud one)."""
+    if "://" in url:
+        return set()
+    return set((Path(url) / "files" / "md5").glob(".*.tmp"))
+
+
+def _remove_upload_leftovers(version: DatasetVersion, new: set[Path]) -> None:
+    """Delete those of the upload files that appeared during this upload which hold one of
+    this version's objects, now in place under its own address. Another upload to the same
+    remote (another workdir) may be between writing its temporary file and copying it: its
+    file has other content (it is not one of our objects) or its object is not yet in place,
+    and is left alone. Only an upload of the very same bytes at the very same moment could
+    lose its temporary file before copying it; its `dvc add` then fails and a rerun (which
+    finds the object in place) succeeds."""
+    if not new:
+        return
+    objects = Path(version.remote) / "files" / "md5"
+    listing = objects / version.md5[:2] / version.md5[2:]
+    ours = {entry["md5"] for entry in json.loads(listing.read_text())}
+    for tmp in new:
+        try:
+            digest = _md5(tmp)
+        except FileNotFoundError:
+            continue
+        if digest in ours and (objects / digest[:2] / digest[2:]).is_file():
+            tmp.unlink(missing_ok=True)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
