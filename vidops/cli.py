@@ -610,8 +610,10 @@ def _lineage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> int:
                       "verification": verification}, indent=2))
     if verification is not None and verification["mismatches"]:
         for m in verification["mismatches"]:
-            print(f"vidops: mismatch: {m['what']}: {m['path']} (recorded {m['expected']}, "
-                  f"now {m['found']})", file=sys.stderr)
+            # One object may belong to several dataset versions: each is named.
+            where = f" in dataset {m['dataset']}" if m.get("dataset") else ""
+            print(f"vidops: mismatch: {m['what']}: {m['path']}{where} (recorded "
+                  f"{m['expected']}, now {m['found']})", file=sys.stderr)
         return EXIT_GATE
     return EXIT_OK
 
