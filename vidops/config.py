@@ -269,7 +269,7 @@ class FinetuneConfig(_Strict):
 
 
 class GenerateConfig(_Strict):
-    # None: the model's own setting (its card's `sampling`), see models.sampling.settings_for.
+    # None: the model's own setting (its card's `sampling`); models.sampling.sampling_settings.
     sampler: Sampler | None
     steps: int | None = Field(ge=1)
     guidance_scale: float | None = Field(ge=0)

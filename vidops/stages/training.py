@@ -39,7 +39,6 @@ TRAINING_JSON = "training.json"
 SAMPLES_DIR = "samples"
 # Settings that change what training computes; the rest (logging, checkpoint cadence,
 # sampling) may differ between a run and its resumption.
-# Settings that do not change the weights trained: a resume may differ in them.
 _COSMETIC = {"log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
              "sample_prompts", "device", "sampling"}
 
