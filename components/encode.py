@@ -53,7 +53,7 @@ def merge_encoded(
                 rejected=int):
     from vidops.components.publish import check_inputs, publish_stage
     from vidops.config import config_from_json
-    from vidops.stages.encode import MERGED, run_merge_encoded
+    from vidops.stages.merge_encoded import MERGED, run_merge_encoded
     from vidops.tracking.workdir import Workdir
 
     work = Workdir.at(workdir)

@@ -18,7 +18,8 @@ from vidops.config import Config, load_config
 from vidops.data.latent_dataset import LatentDataset
 from vidops.data.shards import write_shards
 from vidops.stage import load_output
-from vidops.stages.encode import run_encode, run_merge_encoded
+from vidops.stages.encode import run_encode
+from vidops.stages.merge_encoded import run_merge_encoded
 from vidops.tracking.workdir import Workdir
 
 # Few bootstrap steps and frames: these tests check the plumbing, test_models the VAE.

@@ -648,7 +648,7 @@ def _run_data_stage(args: argparse.Namespace, cfg: Config, workdir: Workdir) -> 
                           args.out or workdir.stage_dir("encode"), shard_file=args.shard,
                           cfg=cfg, workdir=workdir, quiet=args.quiet)
     elif args.command == "merge-encoded":
-        from vidops.stages.encode import MERGED, run_merge_encoded
+        from vidops.stages.merge_encoded import MERGED, run_merge_encoded
 
         info = run_merge_encoded(args.in_dirs, args.out or workdir.stage_dir(MERGED), cfg=cfg,
                                  workdir=workdir, quiet=args.quiet)

@@ -55,6 +55,10 @@ INDEX = "index.parquet"
 EXPORT_INDEX = "manifest.parquet"  # an export is a stage output: its index is the manifest
 LATENTS_DIR = "latents"
 EMPTY_CAPTION = "empty_caption.safetensors"
+# The encode stage's layout, here so that merge-encoded needs no model code to read it.
+ENCODE_STAGE = "encode"  # also the cache's folder: <workdir>/cache/encode
+ENCODING_JSON = "encoding.json"  # the VAE, text encoder and params a dataset was encoded with
+VAE_DIR = "vae"  # a bootstrapped VAE, inside the dataset that needs it
 SHARD_SUFFIX = ".safetensors"
 MAX_HEADER = 100 << 20  # refuse absurd headers (a corrupt length) instead of reading them
 
