@@ -34,7 +34,7 @@ from vidops.config import Config
 from vidops.media.files import write_json_atomic
 from vidops.stage import MANIFEST, REJECTED, STAGE_JSON, StageError
 from vidops.tracking import mlflow_runs
-from vidops.tracking.dvc import remote_url
+from vidops.tracking.dvc import object_path, remote_url
 from vidops.tracking.redact import redact_obj, redact_uri
 from vidops.tracking.workdir import Workdir, code_version
 
@@ -57,7 +57,7 @@ class DvcRemote:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
 
     def _path(self, md5: str) -> str:
-        return f"{self.root}/files/md5/{md5[:2]}/{md5[2:]}"
+        return object_path(self.root, md5)
 
     def read(self, md5: str) -> bytes:
         try:

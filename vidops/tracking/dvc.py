@@ -45,10 +45,16 @@ class DatasetVersion:
     @property
     def object_uri(self) -> str:
         """Where the remote keeps this version's directory listing (its content address)."""
-        return f"{self.remote.rstrip('/')}/files/md5/{self.md5[:2]}/{self.md5[2:]}"
+        return object_path(self.remote, self.md5)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def object_path(remote: str, md5: str) -> str:
+    """Where a DVC 3 remote (a path or URL) keeps the object with this md5 (a file's, or a
+    directory's listing, `<md5>.dir`): the remote's content addressing."""
+    return f"{remote.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}"
 
 
 def _dvc(workdir: Workdir, *args: str) -> str:
@@ -123,15 +129,14 @@ def _remove_upload_leftovers(version: DatasetVersion, new: set[Path]) -> None:
     finds the object in place) succeeds."""
     if not new:
         return
-    objects = Path(version.remote) / "files" / "md5"
-    listing = objects / version.md5[:2] / version.md5[2:]
+    listing = Path(object_path(version.remote, version.md5))
     ours = {entry["md5"] for entry in json.loads(listing.read_text())}
     for tmp in new:
         try:
             digest = _md5(tmp)
         except FileNotFoundError:
             continue
-        if digest in ours and (objects / digest[:2] / digest[2:]).is_file():
+        if digest in ours and Path(object_path(version.remote, digest)).is_file():
             tmp.unlink(missing_ok=True)
 
 
